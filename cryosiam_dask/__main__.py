@@ -1,0 +1,4 @@
+from cryosiam_dask.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Errors raised on bad user input: one line, naming the file or key, what was expected and what was found."""
+
+from __future__ import annotations
+
+
+class CryoSiamDaskError(Exception):
+    """Base class: the CLI prints the message on one line and exits with code 2."""
+
+
+class ConfigError(CryoSiamDaskError, ValueError):
+    """A config file or setting is missing, misspelt or of the wrong type."""
+
+
+class InputFileError(CryoSiamDaskError, FileNotFoundError):
+    """An input file (tomogram, mask, checkpoint) is missing, unreadable or of the wrong shape."""
+
+
+class CheckpointError(CryoSiamDaskError, ValueError):
+    """A checkpoint is unsafe, of another CryoSiam app, or does not match the architecture."""
+
+
+class OutputError(CryoSiamDaskError, OSError):
+    """An output cannot be written (folder not writable, disk full, locked by another run)."""
+
+
+class NotSupportedError(CryoSiamDaskError, NotImplementedError):
+    """A requested option exists in CryoSiam but is not supported here (the message names the alternative)."""
