@@ -218,8 +218,8 @@ class _Inert:
 
 
 _SAFE_BUILTINS = {
-    "dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "bool", "str", "bytes", "bytearray",
-    "slice", "range",
+    "dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "bool", "str", "bytes",
+    "bytearray", "slice", "range",
 }
 
 
