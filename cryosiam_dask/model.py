@@ -14,6 +14,7 @@ themselves and an inert stand-in class for every other global, never importing o
 
 from __future__ import annotations
 
+import _compat_pickle
 import builtins
 import collections
 import logging
@@ -56,10 +57,10 @@ class FPNDecoder(nn.Module):
     def __init__(self, in_channels: list[int], out_channels: int) -> None:
         super().__init__()
         c2, c3, c4, c5 = in_channels
-        self.layer1 = nn.Conv3d(c5, out_channels, 1)
-        self.layer2 = nn.Conv3d(c4, out_channels, 1)
+        self.layer4 = nn.Conv3d(c2, out_channels, 1)  # defined in the file's key order
         self.layer3 = nn.Conv3d(c3, out_channels, 1)
-        self.layer4 = nn.Conv3d(c2, out_channels, 1)
+        self.layer2 = nn.Conv3d(c4, out_channels, 1)
+        self.layer1 = nn.Conv3d(c5, out_channels, 1)
 
     def forward(
         self, res2: torch.Tensor, res3: torch.Tensor, res4: torch.Tensor, res5: torch.Tensor
@@ -235,7 +236,7 @@ def _allowed_global(module: str, name: str) -> Any | None:
     if module == "builtins" and name in _SAFE_BUILTINS:
         return getattr(builtins, name)
     if module == "collections" and name in ("OrderedDict", "defaultdict"):
-        return getattr(collections, name) if name == "OrderedDict" else collections.OrderedDict
+        return getattr(collections, name)
     if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter",
                                              "_rebuild_parameter_with_state"):
         return getattr(torch._utils, name)
@@ -263,6 +264,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler whose globals are tensor-rebuild functions, plain containers or inert stand-ins."""
 
     def find_class(self, module: str, name: str) -> Any:
+        # protocol-2 pickles (torch.save's default) name Python 2 modules: __builtin__, copy_reg
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         obj = _allowed_global(module, name)
         if obj is None:
             logger.debug("checkpoint names %s.%s: replaced by an inert stand-in", module, name)
