@@ -476,7 +476,9 @@ def _format_one(err: dict[str, Any], data: dict[str, Any], src: str, overridden:
         return key, f"{src}: unknown key '{_dotted([*parts, loc[-1]])}'{hint}"
     if kind == "value_error" and not parts:
         return key, f"{src}: {msg.removeprefix('Value error, ')}"
-    if kind.endswith("_type") or kind in ("missing", "literal_error", "none_required"):
+    if kind == "literal_error":
+        return key, f"{src}: invalid value for '{key}': expected {_describe(ann)}, found {_found(value)}"
+    if kind.endswith("_type") or kind == "missing":
         return key, f"{src}: wrong type for '{key}': expected {_describe(ann)}, found {_found(value)}"
     msg = msg.removeprefix("Value error, ")
     return key, f"{src}: invalid value for '{key}': {msg[:1].lower() + msg[1:]}, found {_found(value)}"

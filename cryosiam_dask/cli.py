@@ -1,0 +1,234 @@
+"""The ``cryosiam_dask`` command line: a thin Typer app over :mod:`cryosiam_dask.pipeline`.
+
+Commands keep CryoSiam's spellings (``instance_predict --config_file ... --filename ...``) and add flags
+that override the config's ``cryosiam_dask:`` section. torch, dask and the GPU stack are imported inside the
+command bodies, so ``--help`` is instant. A :class:`~cryosiam_dask.errors.CryoSiamDaskError` (bad config,
+missing file, ...) is printed as one ``error: ...`` line on stderr with exit code 2; any other exception keeps
+its traceback.
+"""
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cryosiam_dask import __version__
+from cryosiam_dask.errors import ConfigError, CryoSiamDaskError, InputFileError
+
+logger = logging.getLogger("cryosiam_dask")
+
+app = typer.Typer(
+    name="cryosiam_dask",
+    help="CryoSiam-compatible instance segmentation of cryo-ET tomograms, chunked with dask.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Reusable options (copick-style). Every shape is (z, y, x).
+ConfigFileOpt = Annotated[
+    Path,
+    typer.Option(
+        "--config_file", "--config-file", help="CryoSiam instance_predict YAML.", show_default=False
+    ),
+]
+FilenameOpt = Annotated[
+    str | None,
+    typer.Option("--filename", help="Process only this tomogram (a name in data_folder, or a path)."),
+]
+ChunkSizeOpt = Annotated[
+    tuple[int, int, int] | None,
+    typer.Option("--chunk-size", metavar="Z Y X", help="Chunk shape in voxels (default 128 256 256)."),
+]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda (default auto).")]
+NWorkersOpt = Annotated[int | None, typer.Option("--n-workers", help="Local cluster workers (default auto).")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Log at DEBUG level (default INFO), to stderr.")]
+
+_HANDLER_MARK = "_cryosiam_dask_cli"
+
+
+def _setup_logging(debug: bool) -> None:
+    """Send the package's log records to the current stderr, at INFO (or DEBUG with ``--debug``)."""
+    for handler in [h for h in logger.handlers if getattr(h, _HANDLER_MARK, False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    setattr(handler, _HANDLER_MARK, True)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn a CryoSiamDaskError into one ``error: ...`` line on stderr and exit code 2."""
+    try:
+        yield
+    except CryoSiamDaskError as e:
+        message = " ".join(str(e).splitlines()) or type(e).__name__
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cryosiam_dask {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """CryoSiam-compatible instance segmentation of cryo-ET tomograms, chunked with dask."""
+
+
+def _memory_limit(value: str | None) -> str | int | None:
+    if value is None:
+        return None
+    if value.strip().lower() in ("none", "null", "0"):
+        return 0  # dask: no limit
+    return int(value) if value.strip().isdigit() else value.strip()
+
+
+def _formats(value: str | None) -> list[str] | None:
+    return None if value is None else [f.strip() for f in value.split(",") if f.strip()]
+
+
+@app.command("instance_predict")
+def instance_predict(
+    config_file: ConfigFileOpt,
+    filename: FilenameOpt = None,
+    chunk_size: ChunkSizeOpt = None,
+    halo: Annotated[
+        int | None, typer.Option("--halo", help="Context voxels for the instance step (default 32).")
+    ] = None,
+    tiling: Annotated[
+        str | None, typer.Option("--tiling", help="fast, or exact: CryoSiam's tiling (default fast).")
+    ] = None,
+    device: DeviceOpt = None,
+    scheduler_address: Annotated[
+        str | None,
+        typer.Option("--scheduler-address", help="Use a running dask scheduler (tcp://host:8786)."),
+    ] = None,
+    n_workers: NWorkersOpt = None,
+    threads_per_worker: Annotated[
+        int | None, typer.Option("--threads-per-worker", help="Threads per local worker (default auto).")
+    ] = None,
+    memory_limit: Annotated[
+        str | None,
+        typer.Option("--memory-limit", help="Per-worker memory: '16GB', bytes, auto or none (default auto)."),
+    ] = None,
+    work_dir: Annotated[
+        Path | None,
+        typer.Option("--work-dir", help="Intermediate stores (default <prediction_folder>/.cryosiam_dask)."),
+    ] = None,
+    formats: Annotated[
+        str | None,
+        typer.Option(
+            "--formats", help="Comma list from cryosiam,raw,ome-zarr,mrc,star (default cryosiam,ome-zarr)."
+        ),
+    ] = None,
+    amp: Annotated[
+        str | None, typer.Option("--amp", help="bf16 | fp16 mixed precision (default off: float32).")
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Instance segmentation of every tomogram in the config (CryoSiam's instance_predict, same outputs).
+
+    Flags override the config's optional cryosiam_dask: section.
+    """
+    _setup_logging(debug)
+    overrides: dict[str, Any] = {
+        "chunk_size": chunk_size,
+        "halo": halo,
+        "tiling": tiling,
+        "device": device,
+        "scheduler_address": scheduler_address,
+        "n_workers": n_workers,
+        "threads_per_worker": threads_per_worker,
+        "memory_limit": _memory_limit(memory_limit),
+        "work_dir": work_dir,
+        "output_formats": _formats(formats),
+        "amp": amp,
+    }
+    with _user_errors():
+        from cryosiam_dask.config import load_config
+
+        cfg = load_config(config_file, overrides)
+        files = cfg.validate_paths(filename)  # every input checked before anything is written
+        logger.debug("%s: %d tomogram(s), settings %s", config_file, len(files), cfg.cryosiam_dask)
+
+        from cryosiam_dask.pipeline import instance_predict as run_instance_predict
+
+        results = run_instance_predict(cfg, filename=filename)
+    logger.info(
+        "instance_predict: %d tomogram(s) done, outputs in %s", len(results or []), cfg.prediction_folder
+    )
+
+
+# A hidden alias, for people who type dashes everywhere.
+app.command("instance-predict", hidden=True)(instance_predict)
+
+
+@app.command("convert")
+def convert(
+    tomogram: Annotated[Path, typer.Argument(help="MRC/REC tomogram (.mrc, .rec, optionally .gz/.bz2).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output OME-Zarr (default next to it, <stem>.zarr).")
+    ] = None,
+    chunk_size: ChunkSizeOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Convert a tomogram to a chunked OME-Zarr (streamed, so files larger than RAM work)."""
+    _setup_logging(debug)
+    with _user_errors():
+        from cryosiam_dask.config import DaskSettings
+
+        chunks = chunk_size if chunk_size is not None else DaskSettings().chunk_size
+        if min(chunks) < 1:
+            raise ConfigError(f"--chunk-size must be positive (z, y, x), found {tuple(chunks)}")
+        if not tomogram.is_file():
+            raise InputFileError(f"tomogram '{tomogram}' does not exist or is not a file")
+
+        from cryosiam_dask.io import stem_of, tomogram_to_zarr
+
+        zarr_path = out if out is not None else tomogram.with_name(f"{stem_of(tomogram)}.zarr")
+        array = tomogram_to_zarr(tomogram, zarr_path, chunk_size=tuple(chunks))
+    logger.info("wrote %s: shape %s, chunks %s, %s", zarr_path, array.shape, array.chunks, array.dtype)
+
+
+@app.command("demo")
+def demo(
+    folder: Annotated[
+        Path | None, typer.Option("--folder", help="Where to write the demo (default ./cryosiam_dask_demo).")
+    ] = None,
+    shape: Annotated[
+        tuple[int, int, int] | None,
+        typer.Option("--shape", metavar="Z Y X", help="Synthetic tomogram shape (default 64 128 128)."),
+    ] = None,
+    device: DeviceOpt = None,
+    n_workers: NWorkersOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Make a synthetic tomogram, lamella mask and tiny checkpoint, segment it and score the result."""
+    _setup_logging(debug)
+    options = {"folder": folder, "shape": shape, "device": device, "n_workers": n_workers}
+    with _user_errors():
+        from cryosiam_dask.demo import run_demo
+
+        result = run_demo(**{k: v for k, v in options.items() if v is not None})
+    typer.echo(
+        f"demo: {result.n_found} instances found, {result.n_matched} of {result.n_true} particles matched "
+        f"(IoU >= 0.5); files in {result.folder}"
+    )
+
+
+def main() -> None:
+    """Console-script entry point (``cryosiam_dask``, ``python -m cryosiam_dask``)."""
+    app()
