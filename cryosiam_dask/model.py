@@ -330,12 +330,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     raw = _safe_torch_load(path)
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(raw).__name__}, not a Lightning checkpoint")
-    for key in ("state_dict", "hyper_parameters"):
-        if not isinstance(raw.get(key), Mapping):
+    parts = {key: _plain(raw.get(key)) for key in ("state_dict", "hyper_parameters")}
+    for key, value in parts.items():
+        if not isinstance(value, dict):
             found = sorted(map(str, raw))
             raise CheckpointError(f"checkpoint {path} has no '{key}' dict (found keys: {found})")
-    state_dict = {str(k): v for k, v in raw["state_dict"].items() if isinstance(v, torch.Tensor)}
-    ckpt = Checkpoint(state_dict=state_dict, hyper_parameters=_plain(raw["hyper_parameters"]))
+    state_dict = {str(k): v for k, v in parts["state_dict"].items() if isinstance(v, torch.Tensor)}
+    ckpt = Checkpoint(state_dict=state_dict, hyper_parameters=parts["hyper_parameters"])
     ckpt.path = str(path)
     return ckpt
 
