@@ -1,8 +1,8 @@
-"""Dask clusters: a CPU ``LocalCluster``, dask-cuda's ``LocalCUDACluster`` (one worker per GPU), or an existing
-scheduler.
+"""Dask clusters: a CPU ``LocalCluster``, dask-cuda's ``LocalCUDACluster`` (one worker per GPU), or an
+existing scheduler.
 
-The choice is made here, not by dask-cuda: ``LocalCUDACluster`` raises at once on a machine without a GPU, so it is
-only started when ``device`` resolves to ``cuda``.
+The choice is made here, not by dask-cuda: ``LocalCUDACluster`` raises at once on a machine without a GPU,
+so it is only started when ``device`` resolves to ``cuda``.
 """
 
 from __future__ import annotations
@@ -75,7 +75,9 @@ def _gpu_ids(gpu_devices: Any) -> tuple[int, ...]:
         return tuple(range(available))
     if isinstance(gpu_devices, int):
         if gpu_devices < 1:
-            raise ConfigError(f"parameters.gpu_devices: expected a count >= 1 or a list of ids, found {gpu_devices}")
+            raise ConfigError(
+                f"parameters.gpu_devices: expected a count >= 1 or a list of ids, found {gpu_devices}"
+            )
         return tuple(range(min(gpu_devices, available)))
     ids = tuple(int(i) for i in gpu_devices)
     bad = [i for i in ids if i < 0 or i >= available]
@@ -116,14 +118,21 @@ def plan_cluster(
     """
     memory_limit = memory_limit or "auto"
     if scheduler_address:
-        return ClusterPlan("existing", 0, 0, memory_limit, scheduler_address=scheduler_address,
-                           dashboard_address=None)
+        return ClusterPlan(
+            "existing", 0, 0, memory_limit, scheduler_address=scheduler_address, dashboard_address=None
+        )
     if device == "cuda":
         gpus = _gpu_ids(gpu_devices)
         if not gpus:
             raise ConfigError("cryosiam_dask.device is 'cuda' but torch sees no GPU")
-        return ClusterPlan("cuda", len(gpus), threads_per_worker or 1, memory_limit, gpus=gpus,
-                           dashboard_address=dashboard_address)
+        return ClusterPlan(
+            "cuda",
+            len(gpus),
+            threads_per_worker or 1,
+            memory_limit,
+            gpus=gpus,
+            dashboard_address=dashboard_address,
+        )
     cores = os.cpu_count() or 1
     threads = threads_per_worker or (2 if cores >= 2 else 1)
     workers = n_workers or max(1, cores // threads)
@@ -141,8 +150,11 @@ def start_client(plan: ClusterPlan, *, processes: bool = True) -> Iterator[Any]:
 
     if plan.kind == "existing":
         with Client(plan.scheduler_address) as client:
-            logger.info("attached to existing scheduler %s (%d workers)", plan.scheduler_address,
-                        len(client.scheduler_info().get("workers", {})))
+            logger.info(
+                "attached to existing scheduler %s (%d workers)",
+                plan.scheduler_address,
+                len(client.scheduler_info().get("workers", {})),
+            )
             yield client
         return
     if plan.kind == "cuda":
@@ -167,6 +179,11 @@ def start_client(plan: ClusterPlan, *, processes: bool = True) -> Iterator[Any]:
             dashboard_address=plan.dashboard_address,
         )
     with cluster, Client(cluster) as client:
-        logger.info("started %s cluster: %d workers x %d threads; dashboard: %s", plan.kind, plan.n_workers,
-                    plan.threads_per_worker, client.dashboard_link if plan.dashboard_address else "off")
+        logger.info(
+            "started %s cluster: %d workers x %d threads; dashboard: %s",
+            plan.kind,
+            plan.n_workers,
+            plan.threads_per_worker,
+            client.dashboard_link if plan.dashboard_address else "off",
+        )
         yield client

@@ -1,5 +1,5 @@
-"""``cryosiam_dask demo``: a synthetic tomogram, lamella mask, engineered tiny checkpoint and config in a folder,
-the whole pipeline run on them, and the instances found compared with the ground truth."""
+"""``cryosiam_dask demo``: a synthetic tomogram, lamella mask, engineered tiny checkpoint and config in a
+folder, the whole pipeline run on them, and the instances found compared with the ground truth."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class DemoResult:
 
 
 def match_instances(truth: np.ndarray, found: np.ndarray, *, iou: float = 0.5) -> int:
-    """Count one-to-one matches between two (Z, Y, X) label volumes with IoU >= ``iou`` (> 0.5 makes them unique)."""
+    """Count one-to-one matches of two (Z, Y, X) label volumes with IoU >= ``iou`` ."""
     t = truth.ravel().astype(np.int64)
     f = found.ravel().astype(np.int64)
     both = (t > 0) & (f > 0)
@@ -53,12 +53,19 @@ def write_demo_inputs(folder: Path, *, shape: tuple[int, int, int] = (64, 128, 1
     for sub in ("data", "lamella", "model", "predictions"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     z = shape[0]
-    synth = make_tomogram(shape, n_particles=max(4, int(np.prod(shape) / 25000)), radii=(5, 8), seed=seed,
-                          lamella=(z // 8, z - z // 8))
+    synth = make_tomogram(
+        shape,
+        n_particles=max(4, int(np.prod(shape) / 25000)),
+        radii=(5, 8),
+        seed=seed,
+        lamella=(z // 8, z - z // 8),
+    )
     write_mrc(folder / "data" / f"{DEMO_STEM}.mrc", synth.tomogram, voxel_size=10.0)
     write_mask_h5(folder / "lamella" / f"{DEMO_STEM}_preds.h5", synth.mask)
     np.save(folder / "ground_truth_labels.npy", synth.labels * (synth.mask > 0))
-    write_checkpoint(folder / "model" / "cryosiam_instance_demo.ckpt", arch="tiny", patch_size=32, engineered=True)
+    write_checkpoint(
+        folder / "model" / "cryosiam_instance_demo.ckpt", arch="tiny", patch_size=32, engineered=True
+    )
     config = {
         "data_folder": str(folder / "data"),
         "mask_folder": str(folder / "lamella"),
@@ -71,9 +78,16 @@ def write_demo_inputs(folder: Path, *, shape: tuple[int, int, int] = (64, 128, 1
         "parameters": {
             "gpu_devices": 1,
             "data": {"patch_size": [32, 32, 32], "min": 0, "max": 1, "mean": 0, "std": 1},
-            "network": {"in_channels": 1, "spatial_dims": 3, "threshold_foreground": 0.5, "boundary_bias": 0.8,
-                        "min_center_distance": 1, "max_center_distance": 4, "distance_type": 1,
-                        "postprocessing": False},
+            "network": {
+                "in_channels": 1,
+                "spatial_dims": 3,
+                "threshold_foreground": 0.5,
+                "boundary_bias": 0.8,
+                "min_center_distance": 1,
+                "max_center_distance": 4,
+                "distance_type": 1,
+                "postprocessing": False,
+            },
         },
         "hyper_parameters": {"batch_size": 2},
         "cryosiam_dask": {"chunk_size": [32, 64, 64]},
@@ -83,8 +97,14 @@ def write_demo_inputs(folder: Path, *, shape: tuple[int, int, int] = (64, 128, 1
     return path
 
 
-def run_demo(folder: str | Path = "cryosiam_dask_demo", *, shape: tuple[int, int, int] = (64, 128, 128),
-             device: str = "cpu", n_workers: int | None = None, seed: int = 0) -> DemoResult:
+def run_demo(
+    folder: str | Path = "cryosiam_dask_demo",
+    *,
+    shape: tuple[int, int, int] = (64, 128, 128),
+    device: str = "cpu",
+    n_workers: int | None = None,
+    seed: int = 0,
+) -> DemoResult:
     """Make the demo inputs in ``folder``, run ``instance_predict`` on them and compare with the ground truth.
 
     Parameters
@@ -111,6 +131,10 @@ def run_demo(folder: str | Path = "cryosiam_dask_demo", *, shape: tuple[int, int
     truth = np.load(folder / "ground_truth_labels.npy")
     with h5py.File(folder / "predictions" / f"{DEMO_STEM}_instance_preds.h5", "r") as f:
         found = f["instances"][...]
-    result = DemoResult(n_true=len(np.unique(truth)) - 1, n_found=int(found.max()),
-                        n_matched=match_instances(truth, found), folder=folder)
+    result = DemoResult(
+        n_true=len(np.unique(truth)) - 1,
+        n_found=int(found.max()),
+        n_matched=match_instances(truth, found),
+        folder=folder,
+    )
     return result

@@ -1,0 +1,393 @@
+"""``instance_predict``: CryoSiam's instance prediction, stage by stage, for every tomogram of a config.
+
+Stages (each materialised to zarr in ``work_dir`` so no stage is computed twice and memory stays bounded):
+
+1. inputs: MRC/REC -> chunked zarr (reused when up to date), lamella mask (resized lazily as CryoSiam does);
+2. maps: the network per chunk (``exact`` or ``fast`` tiling) -> ``<work_dir>/<stem>/maps.zarr``;
+3. instances: seeded watershed per chunk with a halo, global ids -> ``<work_dir>/<stem>/instances.zarr``;
+4. outputs: CryoSiam's h5 + csv, raw maps, OME-Zarr, MRC, STAR (``cryosiam_dask.output_formats``).
+
+The tasks of all tomograms of a stage are computed together, so workers stay busy across files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from cryosiam_dask.config import InstanceConfig
+from cryosiam_dask.errors import InputFileError, NotSupportedError, OutputError
+
+logger = logging.getLogger(__name__)
+
+MAP_NAMES = ("foreground", "distance", "boundary")
+
+NOT_SUPPORTED_MULTICUT = (
+    "parameters.network.postprocessing: True (CryoSiam's multicut through elf/nifty, conda-only) is not "
+    "supported; set 'postprocessing: False' for the seeded watershed (the docs' config_instance.yaml does)"
+)
+
+
+@dataclass
+class TomogramResult:
+    """What ``instance_predict`` did for one tomogram."""
+
+    stem: str
+    shape: tuple[int, int, int]
+    n_instances: int = 0
+    outputs: dict[str, Path] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    path: Path
+    stem: str
+    tomogram: Any = None  # io.Tomogram
+    mask: da.Array | None = None
+    maps: tuple[da.Array, da.Array, da.Array] | None = None
+    labels: da.Array | None = None
+    result: TomogramResult | None = None
+    raw_reused: bool = False
+
+
+def _fingerprint(config: InstanceConfig, job: _Job) -> dict[str, Any]:
+    """What the raw maps depend on: checkpoint file, normalisation, tiling (and its chunking), mask file."""
+    ckpt = config.checkpoint_path
+    st = ckpt.stat()
+    d = config.parameters.data
+    s = config.cryosiam_dask
+    fp: dict[str, Any] = {
+        "checkpoint": [str(ckpt), st.st_size, st.st_mtime_ns],
+        "data": [d.min, d.max, d.mean, d.std],
+        "tiling": s.tiling,
+        "source": [str(job.path), job.path.stat().st_size, job.path.stat().st_mtime_ns],
+        "mask_folder": str(config.mask_folder) if config.mask_folder else None,
+    }
+    if s.tiling == "fast":
+        fp["chunk_size"] = list(s.chunk_size)
+    return fp
+
+
+def _key(fp: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".cryosiam_dask_write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"prediction_folder {folder} is not writable ({e.strerror or e})") from e
+
+
+def validate(config: InstanceConfig, *, filename: str | None = None) -> list[Path]:
+    """Check everything a run needs before any dask graph is built; return the tomograms to process.
+
+    Raises a one-line :class:`~cryosiam_dask.errors.CryoSiamDaskError` for a missing or bad input file, mask,
+    checkpoint, unsupported option or unwritable prediction folder.
+    """
+    from cryosiam_dask.io import check_tomogram
+    from cryosiam_dask.model import build_model, load_checkpoint
+
+    if config.parameters.network.postprocessing:
+        raise NotSupportedError(NOT_SUPPORTED_MULTICUT)
+    files = config.validate_paths(filename)
+    for f in files:
+        if f.suffix != ".zarr":
+            check_tomogram(f)
+    build_model(load_checkpoint(config.checkpoint_path))  # every inference-path tensor present and shaped
+    _check_writable(config.prediction_folder)
+    return files
+
+
+def _warn_range(job: _Job, lo: float, hi: float, data_min: float, data_max: float) -> None:
+    span = data_max - data_min
+    if span > 0 and (lo < data_min - 2 * span or hi > data_max + 2 * span):
+        logger.warning(
+            "%s: values span [%.4g, %.4g] but parameters.data min/max are [%g, %g]: CryoSiam clips to that "
+            "range and then finds nothing; feed the denoised, [0, 1]-scaled tomogram (denoise_predict) "
+            "or set parameters.data.min/max to the tomogram's range",
+            job.path.name,
+            lo,
+            hi,
+            data_min,
+            data_max,
+        )
+
+
+def _open_inputs(config: InstanceConfig, jobs: list[_Job]) -> None:
+    from cryosiam_dask.io import open_tomogram, read_mask
+
+    s = config.cryosiam_dask
+    for job in jobs:
+        job.tomogram = open_tomogram(
+            job.path,
+            work_dir=config.work_dir,
+            chunk_size=tuple(s.chunk_size),
+            file_extension=config.file_extension,
+        )
+        shape = tuple(int(n) for n in job.tomogram.data.shape)
+        job.mask = read_mask(config.mask_folder, job.stem, shape, chunks=tuple(s.chunk_size))
+        job.result = TomogramResult(stem=job.stem, shape=shape)
+
+
+def _predict_maps(config: InstanceConfig, jobs: list[_Job], device: str) -> None:
+    from cryosiam_dask.inference import predict_maps, skipped_fraction
+    from cryosiam_dask.outputs import read_raw_predictions
+
+    s = config.cryosiam_dask
+    d = config.parameters.data
+    stores = []
+    for job in jobs:
+        fp = _fingerprint(config, job)
+        raw = config.prediction_folder / f"{job.stem}_preds.h5"
+        shape = job.result.shape
+        if raw.exists():
+            reused = read_raw_predictions(raw, fp, shape=shape, chunks=tuple(s.chunk_size))
+            if reused is not None:
+                logger.info("%s: reusing raw maps %s (network skipped, as CryoSiam does)", job.stem, raw.name)
+                job.maps, job.raw_reused = reused, True
+                continue
+        lo, hi = dask.compute(job.tomogram.data.min(), job.tomogram.data.max())
+        _warn_range(job, float(lo), float(hi), d.min, d.max)
+        maps = predict_maps(
+            job.tomogram.data,
+            config.checkpoint_path,
+            tiling=s.tiling,
+            data=(d.min, d.max, d.mean, d.std),
+            batch_size=config.hyper_parameters.batch_size,
+            mask=job.mask,
+            device=device,
+            amp=s.amp,
+        )
+        if job.mask is not None:
+            frac = skipped_fraction(job.mask, job.tomogram.data.chunks)
+            job.result.report["chunks_skipped_outside_mask"] = frac
+            logger.info(
+                "%s: %.0f%% of chunks lie outside the lamella and skip the network", job.stem, 100 * frac
+            )
+        store = config.work_dir / job.stem / f"maps-{_key(fp)}.zarr"
+        targets = [_zarr_target(store, name, m) for name, m in zip(MAP_NAMES, maps, strict=True)]
+        stores.append(da.store(list(maps), targets, lock=False, compute=False))
+        job.maps = tuple(da.from_zarr(t) for t in targets)
+    if stores:
+        dask.compute(*stores)
+
+
+def _zarr_target(store: Path, name: str, array: da.Array) -> Any:
+    import zarr
+
+    group = zarr.open_group(str(store), mode="a")
+    chunks = tuple(c[0] for c in array.chunks)
+    return group.create_array(name, shape=array.shape, chunks=chunks, dtype=array.dtype, overwrite=True)
+
+
+def _semantic_override(config: InstanceConfig, job: _Job) -> None:
+    """fg = ``isin(semantic labels, semantic_foreground_labels)`` if semantic_predictions is set."""
+    if config.semantic_predictions is None:
+        return
+    import h5py
+
+    path = config.semantic_predictions / f"{job.stem}_preds.h5"
+    if not path.exists():
+        raise InputFileError(f"semantic prediction {path} does not exist")
+    with h5py.File(path, "r") as f:
+        labels = f["labels"][...]
+    if labels.shape != job.result.shape:
+        raise InputFileError(
+            f"semantic prediction {path.name} is {labels.shape} but tomogram is {job.result.shape}"
+        )
+    fg = np.isin(labels, config.semantic_foreground_labels).astype(np.float32)
+    fg_da = da.from_array(fg, chunks=job.maps[0].chunks)
+    job.maps = (fg_da, job.maps[1], job.maps[2])
+
+
+def _segment(config: InstanceConfig, jobs: list[_Job]) -> None:
+    from cryosiam_dask.merge import segment_instances
+
+    n = config.parameters.network
+    s = config.cryosiam_dask
+    stores = []
+    reports = []
+    for job in jobs:
+        _semantic_override(config, job)
+        fg, dist, _ = job.maps
+        labels, report = segment_instances(
+            fg,
+            dist,
+            threshold_min=n.min_center_distance,
+            threshold_max=n.max_center_distance,
+            assignment_threshold=n.threshold_foreground,
+            distance_type=n.distance_type,
+            halo=s.halo,
+        )
+        store = config.work_dir / job.stem / "instances.zarr"
+        target = _zarr_target(store, "instances", labels)
+        stores.append(da.store(labels, target, lock=False, compute=False))
+        job.labels = da.from_zarr(target)
+        reports.append((job, report))
+    if stores:
+        dask.compute(*stores)
+    for job, report in reports:
+        job.result.report.update(_report_dict(report))
+        job.result.n_instances = int(job.result.report.get("n_instances", 0))
+
+
+def _report_dict(report: Any) -> dict[str, Any]:
+    if isinstance(report, dict):
+        return dict(report)
+    if hasattr(report, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(report)
+    return {"report": repr(report)}
+
+
+def _write_outputs(config: InstanceConfig, jobs: list[_Job]) -> None:
+    from cryosiam_dask import outputs as out
+
+    formats = set(config.cryosiam_dask.output_formats)
+    folder = config.prediction_folder
+    for job in jobs:
+        res = job.result
+        table = out.region_table(job.labels)
+        res.n_instances = int(len(table["label"]))
+        if "cryosiam" in formats:
+            res.outputs["instances_h5"] = out.write_instances_h5(
+                folder / f"{job.stem}_instance_preds.h5", job.labels
+            )
+            res.outputs["regions_csv"] = out.write_regions_csv(
+                folder / f"{job.stem}_instance_regions.csv", table
+            )
+        if (config.save_raw_predictions or "raw" in formats) and not job.raw_reused:
+            fg, dist, bnd = job.maps
+            res.outputs["raw_h5"] = out.write_raw_predictions_h5(
+                folder / f"{job.stem}_preds.h5", fg, dist, bnd, attrs=_fingerprint(config, job)
+            )
+        vs = job.tomogram.voxel_size
+        if "ome-zarr" in formats:
+            res.outputs["ome_zarr"] = out.write_ome_zarr(
+                folder / f"{job.stem}.ome.zarr",
+                job.tomogram.data,
+                job.labels,
+                voxel_size=vs,
+                maps=dict(zip(("foreground", "distances", "boundaries"), job.maps, strict=True)),
+            )
+        if "mrc" in formats:
+            res.outputs["mrc"] = out.write_mrc_labels(
+                folder / f"{job.stem}_instances.mrc", job.labels, voxel_size=vs, max_label=res.n_instances
+            )
+        if "star" in formats:
+            res.outputs["star"] = out.write_star(
+                folder / f"{job.stem}_instances.star", table, voxel_size=vs[2], tomogram_name=job.path.name
+            )
+
+
+def run_stages(config: InstanceConfig, files: list[Path], *, device: str) -> list[TomogramResult]:
+    """Run the four stages for ``files`` on the current dask scheduler (a client must be active if wanted)."""
+    jobs = [_Job(path=f, stem=config.stem(f)) for f in files]
+    timings: dict[str, float] = {}
+    for name, stage in (
+        ("inputs", lambda: _open_inputs(config, jobs)),
+        ("maps", lambda: _predict_maps(config, jobs, device)),
+        ("instances", lambda: _segment(config, jobs)),
+        ("outputs", lambda: _write_outputs(config, jobs)),
+    ):
+        t0 = time.perf_counter()
+        stage()
+        timings[name] = time.perf_counter() - t0
+        logger.info(
+            "stage %-9s %8.2f s (%d tomogram%s)", name, timings[name], len(jobs), "s" * (len(jobs) != 1)
+        )
+    results = [job.result for job in jobs]
+    for r in results:
+        r.report["stage_seconds_all_tomograms"] = timings
+        logger.info(
+            "%s: %d instances -> %s", r.stem, r.n_instances, ", ".join(p.name for p in r.outputs.values())
+        )
+    return results
+
+
+def _add_log_file(config: InstanceConfig) -> logging.Handler | None:
+    folder = config.log_dir or config.prediction_folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(
+            folder / f"cryosiam_dask_instance_predict_{time.strftime('%Y%m%d-%H%M%S')}.log"
+        )
+    except OSError as e:
+        logger.warning("cannot write a log file in %s (%s)", folder, e)
+        return None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logging.getLogger("cryosiam_dask").addHandler(handler)
+    return handler
+
+
+def instance_predict(
+    config: InstanceConfig, *, filename: str | None = None, client: Any = None, processes: bool = True
+) -> list[TomogramResult]:
+    """CryoSiam's ``instance_predict`` for every tomogram of ``config`` (or only ``filename``).
+
+    Parameters
+    ----------
+    config : InstanceConfig
+        From :func:`cryosiam_dask.config.load_config` (CryoSiam's YAML + the optional ``cryosiam_dask``).
+    filename : str, optional
+        Process only this tomogram (CryoSiam's ``--filename``).
+    client : distributed.Client, optional
+        Use this client; otherwise the cluster of ``cryosiam_dask`` settings is started (or attached to) and
+        closed at the end.
+    processes : bool, default True
+        For a local CPU cluster started here: worker processes (True) or threads in this process (False).
+
+    Returns
+    -------
+    list of TomogramResult
+        One per tomogram: instance count, output paths, report (skipped chunks, oversized objects, timings).
+    """
+    from cryosiam_dask.cluster import plan_cluster, resolve_device, start_client
+
+    files = validate(config, filename=filename)
+    s = config.cryosiam_dask
+    device = resolve_device(s.device)
+    handler = _add_log_file(config)
+    try:
+        logger.info(
+            "instance_predict: %d tomogram(s), device %s, tiling %s, chunks %s, halo %d",
+            len(files),
+            device,
+            s.tiling,
+            tuple(s.chunk_size),
+            s.halo,
+        )
+        if client is not None:
+            return run_stages(config, files, device=device)
+        plan = plan_cluster(
+            device=device,
+            scheduler_address=s.scheduler_address,
+            n_workers=s.n_workers,
+            threads_per_worker=s.threads_per_worker,
+            memory_limit=s.memory_limit,
+            gpu_devices=config.parameters.gpu_devices,
+            dashboard_address=s.dashboard_address,
+        )
+        with start_client(plan, processes=processes):
+            return run_stages(config, files, device=device)
+    finally:
+        if handler is not None:
+            logging.getLogger("cryosiam_dask").removeHandler(handler)
+            handler.close()
