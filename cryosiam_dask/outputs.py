@@ -607,7 +607,8 @@ def _write_multiscale(
             kwargs = {"dimension_names": ["z", "y", "x"]}
         arr = group.create_array(str(k), shape=level.shape, chunks=level_chunks, dtype=level.dtype,
                                  fill_value=0, **kwargs)
-        da.to_zarr(level, arr)
+        # chunks equal the zarr chunks, so tasks never share a zarr chunk (da.to_zarr would rechunk to "auto")
+        da.store(level, arr, lock=False)
         datasets.append({"path": str(k), "coordinateTransformations": [
             {"type": "scale", "scale": [float(v * 2**k) for v in voxel_size]}]})
     multiscale: dict[str, Any] = {"name": name, "axes": _axes(), "datasets": datasets}
@@ -632,7 +633,7 @@ def write_ome_zarr(
     (2x stride subsampling, uint32) with ``image-label`` metadata; ``maps/<name>/0`` each raw map, a one-level
     multiscale image. Axes are z, y, x in ångström with ``scale`` = voxel size times 2**level.
     NGFF 0.4 (zarr v2, the default) opens in napari-ome-zarr, Fiji/MoBIE and neuroglancer; 0.5 (zarr v3) in
-    napari-ome-zarr and recent ome-zarr-py. Arrays are written chunk by chunk (``da.to_zarr``); each coarser
+    napari-ome-zarr and recent ome-zarr-py. Arrays are written chunk by chunk (``da.store``); each coarser
     level is read back from the level written before, so `labels` is computed once.
 
     Parameters
