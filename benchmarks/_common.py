@@ -1,0 +1,97 @@
+"""Shared benchmark helpers: peak memory of a process tree, tidy JSON results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+class PeakRSS:
+    """Sample the summed RSS of this process and all its children (dask workers) every ``interval`` s.
+
+    Use as a context manager; ``peak`` (bytes) is the largest sum seen, ``per_process`` the largest RSS of
+    each process seen (pid -> bytes).
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak = 0
+        self.per_process: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                rss = p.memory_info().rss
+            except psutil.Error:
+                continue
+            total += rss
+            self.per_process[p.pid] = max(self.per_process.get(p.pid, 0), rss)
+        self.peak = max(self.peak, total)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def machine() -> dict[str, Any]:
+    """The machine the figures came from."""
+    info: dict[str, Any] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "memory_GiB": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def write_results(out: Path, name: str, config: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
+    """Write ``<out>/<name>.json`` with the configuration, the machine and the result rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(
+        json.dumps({"config": config, "machine": machine(), "results": rows}, indent=1, default=str)
+    )
+    return path
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Format ``rows`` as a Markdown table of ``columns``."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
