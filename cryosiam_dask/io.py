@@ -317,8 +317,9 @@ def _copy_slabs(info: MrcInfo, arr: zarr.Array, slab: int) -> None:
         for z0 in range(0, nz, slab):
             with mrcfile.mmap(info.path, mode="r", permissive=True) as mrc:
                 data = _checked_data(info, mrc.data)
-                arr[z0 : z0 + slab] = np.array(data[z0 : z0 + slab], dtype=info.dtype)
-                del data
+                block = data[z0 : z0 + slab]  # zarr copies chunk by chunk from the mapping
+                arr[z0 : z0 + slab] = block if block.dtype == info.dtype else block.astype(info.dtype)
+                del data, block
 
 
 def _checked_data(info: MrcInfo, data: np.ndarray | None) -> np.ndarray:
