@@ -33,6 +33,7 @@ __all__ = [
     "check_tomogram",
     "open_tomogram",
     "read_mask",
+    "resize_mask",
     "stem_of",
     "tomogram_to_zarr",
     "voxel_size_of",
@@ -424,6 +425,14 @@ def open_tomogram(
     ------
     InputFileError
         Missing or invalid input (see :func:`check_tomogram`).
+
+    Examples
+    --------
+    >>> from cryosiam_dask.synthetic import make_tomogram, write_mrc
+    >>> src = write_mrc(tmp / "TS_01.mrc", make_tomogram((32, 48, 48)).tomogram, voxel_size=10.0)
+    >>> tomo = open_tomogram(src, work_dir=tmp / "work", chunk_size=(16, 32, 32))
+    >>> tomo.data.chunksize, tomo.voxel_size, tomo.stem
+    ((16, 32, 32), (10.0, 10.0, 10.0), 'TS_01')
     """
     path = Path(path)
     stem = stem_of(path, file_extension)
@@ -548,14 +557,14 @@ def read_mask(
         )
     chunks = tuple(min(int(c), s) for c, s in zip(chunks, shape, strict=True))
     meta = np.empty((0, 0, 0), dtype=np.int8)
-    name = f"read-mask-{dask_token(source.path, source.shape, chunks)}"
+    name = f"read-mask-{_dask_token(source.path, source.shape, chunks)}"
     if source.shape == shape:
         return da.from_array(source, chunks=chunks, meta=meta, name=name, asarray=True)
     logger.info("resizing mask %s from %s to %s", source.path, source.shape, shape)
     return resize_mask(source[...], shape, chunks=chunks)
 
 
-def dask_token(*args: object) -> str:
+def _dask_token(*args: object) -> str:
     """Deterministic dask name token of the arguments (plus the file's mtime when the first is a path)."""
     from dask.base import tokenize
 
