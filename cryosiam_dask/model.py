@@ -344,6 +344,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def _plain(obj: Any) -> Any:
     """Turn mappings (including inert stand-ins that collected items, e.g. AttributeDict) into plain dicts."""
     items = getattr(obj, "_inert_items", None)
+    origin = str(getattr(obj, "_origin", ""))
+    if isinstance(items, dict) and not items and not origin.endswith("AttributeDict"):
+        return obj  # an inert object that is not a mapping stays inert
     if isinstance(obj, Mapping) or isinstance(items, dict):
         return {k: _plain(v) for k, v in (obj.items() if isinstance(obj, Mapping) else items.items())}
     if isinstance(obj, list | tuple):
@@ -403,10 +406,10 @@ def _detect_app(ckpt: Mapping[str, Any]) -> None:
     """Raise CheckpointError if the state_dict is that of another CryoSiam app."""
     keys = ckpt["state_dict"].keys()
     heads = [k[len(HEADS_PREFIX):] for k in keys if k.startswith(HEADS_PREFIX)]
-    if any(k.startswith(h + ".") for k in heads for h in HEAD_NAMES):
-        return
-    if any(k.startswith("semantic_head") for k in heads):
+    if any(k.startswith("semantic_head") for k in heads):  # SemanticHeads also has a distance_head
         app = "semantic segmentation"
+    elif any(k.startswith(h + ".") for k in heads for h in HEAD_NAMES):
+        return
     elif heads:
         app = "denoising/regression"
     elif any(k.startswith(BACKBONE_PREFIX) for k in keys):
@@ -444,19 +447,23 @@ def build_model(ckpt: Mapping[str, Any], *, device: str | torch.device = "cpu") 
     sd = ckpt["state_dict"]
     wanted = {f"{BACKBONE_PREFIX}{k}": (f"backbone.{k}", v) for k, v in model.backbone.state_dict().items()}
     wanted |= {f"{HEADS_PREFIX}{k}": (f"heads.{k}", v) for k, v in model.heads.state_dict().items()}
-    problems, tensors = [], {}
+    missing: dict[str, list[str]] = {}  # parent module -> missing tensor names, to list them compactly
+    misshapen, tensors = [], {}
     for file_key, (model_key, ref) in wanted.items():
         short = file_key.split(".", 1)[1]
         tensor = sd.get(file_key)
         if tensor is None:
-            problems.append(f"{short} (missing)")
+            parent, leaf = short.rsplit(".", 1)
+            missing.setdefault(parent, []).append(leaf)
         elif tuple(tensor.shape) != tuple(ref.shape):
-            problems.append(f"{short} ({tuple(tensor.shape)}, expected {tuple(ref.shape)})")
+            misshapen.append(f"{short} ({tuple(tensor.shape)}, expected {tuple(ref.shape)})")
         else:
             tensors[model_key] = tensor.to(ref.dtype)
-    if problems:
-        listing = ", ".join(problems)
-        raise CheckpointError(f"{_name(ckpt)}: {len(problems)} tensors missing or misshapen: {listing}")
+    if missing or misshapen:
+        n = len(misshapen) + sum(map(len, missing.values()))
+        listing = [f"{p}.{ls[0]}" if len(ls) == 1 else f"{p}.{{{','.join(ls)}}}" for p, ls in missing.items()]
+        listing = [f"{m} (missing)" for m in listing] + misshapen
+        raise CheckpointError(f"{_name(ckpt)}: {n} tensors missing or misshapen: {', '.join(listing)}")
     model.load_state_dict(tensors, strict=True)
     ignored = len([k for k in sd if k not in wanted])
     logger.debug("%s: loaded %d tensors, ignored %d unused ones", _name(ckpt), len(tensors), ignored)
