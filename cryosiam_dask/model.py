@@ -153,10 +153,11 @@ class _Backbone(nn.Module):
 class InstanceNetwork(nn.Module):
     """CryoSiam's instance network: ``backbone.forward_predict`` then ``InstanceHeads``, sigmoids applied.
 
-    Built by :func:`build_model`, in eval mode. Input spatial sizes should be multiples of 8 (res5 is at 1/8
-    resolution). Other sizes still run: the strided convs round up (ceil(n/2) per level) and the FPN upsamples
-    to each lateral's exact size, so the output always has the input's size, as in the original; only the
-    values near the far edges differ from a padded run.
+    Built by :func:`build_model`, in eval mode. Spatial sizes are best multiples of 8 (res5 is at 1/8
+    resolution). Other sizes run too, with the same ops as the original (so with the same result): each
+    stride-2 conv gives ceil(n/2) voxels and the FPN upsamples to each lateral's exact size, so the outputs
+    always have the input's size, but the upsampling ratios are then not exactly 2 (e.g. a 36³ patch, p being
+    only required to be a multiple of 4, has res5 of 5³).
     """
 
     def __init__(self, backbone_net: Mapping[str, Any], heads_net: Mapping[str, Any]) -> None:
