@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,7 +104,11 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException as e:
+        was_dir = tmp.is_dir()
         _remove(tmp)
+        for _ in range(10 if was_dir else 0):  # dask tasks still running may write a chunk after the error
+            time.sleep(0.05)
+            _remove(tmp)
         if isinstance(e, OSError) and not isinstance(e, OutputError):
             err = _as_output_error(e, path)
             if err is not None:
@@ -113,15 +118,15 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 # ------------------------------------------------------------------------------------- chunk iteration
 def _in_flight() -> int:
-    """How many chunks to compute at once: the client's threads (or CPU count) times two."""
+    """How many chunks to compute at once: the client's threads (or the CPU count), at least 2."""
     if "distributed" in sys.modules:
         from distributed import default_client
 
         try:
-            return max(2, 2 * sum(default_client().nthreads().values()))
+            return max(2, sum(default_client().nthreads().values()))
         except ValueError:  # no client
             pass
-    return max(2, 2 * (os.cpu_count() or 1))
+    return max(2, os.cpu_count() or 1)
 
 
 def _check_volume(array: Any, name: str) -> da.Array:
@@ -161,36 +166,42 @@ def _as_uint32(block: np.ndarray, path: Path) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------- region table
 def _block_stats(block: Any, offset: tuple[int, int, int]) -> dict[str, np.ndarray]:
-    """Per-label partial statistics of one chunk: ids, voxel counts, bbox min/max (inclusive), coord sums."""
+    """Per-label partial statistics of one chunk: ids, voxel counts, bbox min/max (inclusive), coord sums.
+
+    Memory: the chunk, its dense local ids (int32) and per-plane temporaries, i.e. about 2-3 chunk sizes.
+    """
     from scipy import ndimage
 
     block = to_numpy(block)
-    ids, local = np.unique(block, return_inverse=True)
-    local = local.reshape(block.shape)
-    if ids.size and ids[0] == 0:
-        ids = ids[1:]
-    else:
-        local = local + 1
+    ids = np.unique(block)
+    shift = 0 if ids.size and ids[0] == 0 else 1  # local id 0 = background, 1..n = ids
+    ids = ids[1 - shift :]
+    n = ids.size
     out = {
         "label": ids.astype(np.int64),
-        "count": np.zeros(ids.size, np.int64),
-        "min": np.zeros((ids.size, 3), np.int64),
-        "max": np.zeros((ids.size, 3), np.int64),
-        "sum": np.zeros((ids.size, 3), np.int64),
+        "count": np.zeros(n, np.int64),
+        "min": np.zeros((n, 3), np.int64),
+        "max": np.zeros((n, 3), np.int64),
+        "sum": np.zeros((n, 3), np.int64),
     }
-    if ids.size == 0:
+    if n == 0:
         return out
-    flat = local.ravel()
-    out["count"] = np.bincount(flat, minlength=ids.size + 1)[1:].astype(np.int64)
-    boxes = ndimage.find_objects(local, max_label=ids.size)
+    search = ids if shift else np.r_[np.zeros(1, ids.dtype), ids]
+    local = np.empty(block.shape, np.int32)
+    yy, xx = (c.astype(np.float64) for c in np.indices(block.shape[1:]))
+    sums = np.zeros((n + 1, 3), np.float64)
+    for z in range(block.shape[0]):  # one plane at a time: counts and y/x sums, z sums from the counts
+        plane = np.searchsorted(search, block[z]).astype(np.int32) + shift
+        local[z] = plane
+        counts = np.bincount(plane.ravel(), minlength=n + 1)
+        out["count"] += counts[1:]
+        sums[:, 0] += z * counts
+        sums[:, 1] += np.bincount(plane.ravel(), weights=yy.ravel(), minlength=n + 1)
+        sums[:, 2] += np.bincount(plane.ravel(), weights=xx.ravel(), minlength=n + 1)
+    boxes = ndimage.find_objects(local, max_label=n)
     out["min"] = np.array([[s.start for s in box] for box in boxes], np.int64) + offset
     out["max"] = np.array([[s.stop - 1 for s in box] for box in boxes], np.int64) + offset
-    for axis in range(3):
-        shape = [1, 1, 1]
-        shape[axis] = block.shape[axis]
-        coords = np.broadcast_to(np.arange(block.shape[axis], dtype=np.float64).reshape(shape), block.shape)
-        sums = np.bincount(flat, weights=coords.ravel(), minlength=ids.size + 1)[1:]
-        out["sum"][:, axis] = np.rint(sums).astype(np.int64) + out["count"] * offset[axis]
+    out["sum"] = np.rint(sums[1:]).astype(np.int64) + out["count"][:, None] * np.asarray(offset, np.int64)
     return out
 
 
@@ -479,40 +490,35 @@ def write_mrc_labels(
     if max_label >= 2**24:
         raise NotSupportedError(f"{path}: {max_label} instance ids do not fit an MRC file exactly "
                                 "(float32 holds ids up to 16777216); use the .h5 or .ome.zarr output")
-    mode, dtype = (6, np.uint16) if max_label < 2**16 else (2, np.float32)
+    mode = 6 if max_label < 2**16 else 2  # uint16, else float32
     vz, vy, vx = (voxel_size,) * 3 if np.isscalar(voxel_size) else tuple(voxel_size)
     lo, hi, total, squares = np.inf, -np.inf, 0.0, 0.0
     with atomic_output(path) as tmp:
         mrcfile.new_mmap(str(tmp), shape=labels.shape, mrc_mode=mode, overwrite=True).close()
-        batch: list[tuple[tuple[slice, ...], np.ndarray]] = []
-        for slices, (block,) in _iter_blocks([labels]):
-            if block.size and int(block.max()) > max_label:
-                raise OutputError(f"{path}: label id {int(block.max())} exceeds max_label {max_label}")
-            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
-            total += float(block.sum(dtype=np.float64))
-            squares += float(np.square(block, dtype=np.float64).sum())
-            batch.append((slices, block.astype(dtype)))
-            if len(batch) >= _in_flight():
-                _flush_mrc(tmp, batch)
+        mrc, step = None, _in_flight()
+        try:
+            for i, (slices, (block,)) in enumerate(_iter_blocks([labels]), start=1):
+                if block.size and int(block.max()) > max_label:
+                    raise OutputError(f"{path}: label id {int(block.max())} exceeds max_label {max_label}")
+                lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+                total += float(block.sum(dtype=np.float64))
+                squares += sum(float(np.square(plane, dtype=np.float64).sum()) for plane in block)
+                if mrc is None:
+                    mrc = mrcfile.mmap(str(tmp), mode="r+")
+                mrc.data[slices] = block  # cast to uint16/float32 on assignment
+                if i % step == 0:  # unmap now and then, so written pages do not pile up in RSS
+                    mrc.close()
+                    mrc = None
+        finally:
+            if mrc is not None:
+                mrc.close()
         with mrcfile.mmap(str(tmp), mode="r+") as mrc:
-            for slices, block in batch:
-                mrc.data[slices] = block
             mrc.voxel_size = (vx, vy, vz)
             n = max(labels.size, 1)
             mean = total / n
             mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = lo, hi, mean
             mrc.header.rms = np.sqrt(max(squares / n - mean * mean, 0.0))
     return path
-
-
-def _flush_mrc(path: Path, batch: list[tuple[tuple[slice, ...], np.ndarray]]) -> None:
-    """Write a batch of blocks through a short-lived memory map, so mapped pages do not pile up in RSS."""
-    import mrcfile
-
-    with mrcfile.mmap(str(path), mode="r+") as mrc:
-        for slices, block in batch:
-            mrc.data[slices] = block
-    batch.clear()
 
 
 # ------------------------------------------------------------------------------------------------ STAR
