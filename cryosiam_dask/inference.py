@@ -1,23 +1,24 @@
-"""Normalisation and the network, chunk by chunk: CryoSiam's tiling (``exact``) and a one-pass tiling (``fast``).
+"""Normalisation and the network, chunk by chunk: CryoSiam's tiling (``exact``) and a one-pass one (``fast``).
 
-Both tilings share one engine. For every output chunk a small per-axis *plan* lists the network windows that write
-into it: ``(start, length, lo, hi)`` means "evaluate the window ``[start, start + length)`` of the (SpatialPadded,
-far-end wrapped) volume and keep its output on ``[lo, hi)``". One task per output chunk receives the tomogram
-blocks that the windows read (via ``tomogram.to_delayed()``), assembles and normalises the input window, runs the
-network (cached once per worker process) and writes the kept parts. Outputs keep the tomogram's chunks.
+Both tilings share one engine. For every output chunk a small per-axis *plan* lists the network windows that
+write into it: ``(start, length, lo, hi)`` means "evaluate the window ``[start, start + length)`` of the
+(SpatialPadded, far-end wrapped) volume and keep its output on ``[lo, hi)``". One task per output chunk
+receives the tomogram blocks that its windows read (``tomogram.to_delayed()``), assembles and normalises
+the input window, runs the network (loaded once per worker process) and writes the kept parts. Outputs keep
+the tomogram's chunks.
 
 ``exact``
-    The windows are the original's patches (§4 of the spec): starts at multiples of p/2, each patch keeps its
+    The windows are the original's patches (spec §4): starts at multiples of p/2, each patch keeps its
     centre-crop range and, where ranges overlap at the far end, the patch with the largest start wins (the
-    original's later-write-wins rule). The maps therefore equal :func:`predict_whole` for any chunking. A patch
-    that owns voxels in k chunks is evaluated k times; chunk borders on the kept-range grid
-    (``k·p/2 + p/4``) evaluate every patch once (:func:`exact_patch_evaluations` counts them).
+    original's later-write-wins rule). The maps equal :func:`predict_whole` for any chunking. A patch that
+    owns voxels of k chunks is evaluated k times; chunk borders on the kept-range grid (``k·p/2 + p/4``)
+    evaluate every patch once (:func:`exact_patch_evaluations` counts them).
 ``fast``
-    Each chunk is split into cores of at most ``window - 2·margin`` voxels per axis; each core is evaluated once
-    with ``margin`` voxels of context on each side, its window start rounded down to a multiple of 8 (the network's
-    stride) and its length up to a multiple of 8. As in the original, there is no context beyond the near faces
-    and the far faces wrap around. Measured against ``exact`` (2 CPU cores, see ``benchmarks/bench_inference.py``
-    and the test log): see :data:`FAST_DEFAULTS`.
+    Each chunk is split into cores of at most ``window - 2·margin`` voxels per axis; each core is evaluated
+    once with ``margin`` voxels of context on each side, its window start rounded down to a multiple of 8
+    (the network's stride) and its length up to a multiple of 8. As in the original, there is no context
+    beyond the near faces and the far faces wrap around. Agreement with ``exact`` and speed: see
+    :func:`fast_defaults`.
 """
 
 from __future__ import annotations
@@ -42,8 +43,29 @@ logger = logging.getLogger(__name__)
 STRIDE = 8
 """Total down-sampling of the network (res5 is at 1/8): fast windows start and end on multiples of it."""
 
-FAST_DEFAULTS = {"margin": 16, "window": 96}
-"""Default context margin and maximal window edge (voxels, per axis) of the ``fast`` tiling."""
+def fast_defaults(patch: int) -> tuple[int, int]:
+    """Default ``(margin, window)`` of the ``fast`` tiling for a patch edge `patch`.
+
+    margin = p/4 rounded up to a multiple of 8 (the original's smallest context); window = 2p, at most 160
+    (a 160³ window of the real architecture holds about 1 GB per 64-channel float32 tensor).
+
+    Measured on 2 shared CPU cores, golden checkpoint (p = 32), against ``exact``; max / mean abs difference
+    of foreground, distance, boundary, and time vs the whole-volume original:
+
+    - golden 40×61×44, one chunk, margin 8, window 64: 0.163/0.0076, 1.07/0.069, 0.17/0.006; 5.0 s vs 12.5 s
+    - golden, one chunk, 16, 96: 0.151/0.0078, 0.98/0.071, 0.17/0.006; 6.2 s
+    - golden, one chunk, 32, 128: 0.150/0.0078, 0.98/0.070, 0.17/0.006; 5.3 s
+    - golden, chunks 32³, 8, 64: 0.157/0.0091, 1.08/0.083, 0.22/0.006; 23 s
+    - golden, chunks 32³, 16, 64: 0.140/0.0075, 0.98/0.068, 0.17/0.006; 31 s
+    - synthetic 48×80×80, one chunk, 8, 64: 0.166/0.0033, 0.81/0.061, 0.25/0.005; 11 s vs 62 s
+    - synthetic, one chunk, 16, 96: 0.162/0.0038, 0.79/0.068, 0.28/0.006; 13 s
+
+    The difference hardly depends on the margin: it is the original's own context limit (a patch keeps
+    voxels 8 to 24 voxels from its border), not fast's. A larger margin moves fast further from ``exact``
+    (towards the infinite-context maps), so the default keeps p/4. Timings on the busy machine are noisy.
+    """
+    margin = -(-patch // 4 // STRIDE) * STRIDE
+    return margin, max(min(2 * patch, 160), 2 * margin + STRIDE)
 
 Plan = tuple[tuple[int, int, list[tuple[int, int, int, int]]], ...]
 """Per axis: (window start, window end, [(start, length, lo, hi), ...]) in volume coordinates."""
@@ -190,9 +212,9 @@ def run_network(model: Any, batch: np.ndarray, *, amp: str | None = None) -> np.
 def kept_ranges(size: int, patch: int) -> list[tuple[int, int, int]]:
     """Patches of one axis that the original keeps, in its order: ``(start, lo, hi)``, output ``[lo, hi)``.
 
-    ``size`` is the size after SpatialPad (``max(n, patch)``). The rules are §4's, first match wins: skip a patch
-    starting at or after ``size - patch//4``; the first keeps ``[0, 3p/4)``; a patch reaching ``size`` keeps
-    ``[start + p/4, size)``; the others keep ``[start + p/4, start + 3p/4)``.
+    ``size`` is the size after SpatialPad (``max(n, patch)``). The rules are §4's, first match wins: skip a
+    patch starting at or after ``size - patch//4``; the first keeps ``[0, 3p/4)``; a patch reaching ``size``
+    keeps ``[start + p/4, size)``; the others keep ``[start + p/4, start + 3p/4)``.
     """
     step, q = int(round(0.5 * patch)), patch // 4
     out = []
@@ -209,7 +231,7 @@ def kept_ranges(size: int, patch: int) -> list[tuple[int, int, int]]:
 
 
 def _owned_ranges(size: int, patch: int) -> list[tuple[int, int, int]]:
-    """Kept ranges after the later-write-wins rule: ``(start, lo, hi)`` with disjoint ``[lo, hi)`` covering 0..size."""
+    """Kept ranges after the later-write-wins rule: ``(start, lo, hi)``, disjoint, covering ``[0, size)``."""
     kept = kept_ranges(size, patch)
     owner = np.full(size, -1)
     for i, (_, lo, hi) in enumerate(kept):
@@ -223,7 +245,8 @@ def _owned_ranges(size: int, patch: int) -> list[tuple[int, int, int]]:
 
 
 def _exact_axis(a: int, b: int, size: int, patch: int) -> tuple[int, int, list[tuple[int, int, int, int]]]:
-    pieces = [(c0, patch, max(lo, a), min(hi, b)) for c0, lo, hi in _owned_ranges(size, patch) if lo < b and hi > a]
+    owned = _owned_ranges(size, patch)
+    pieces = [(c0, patch, max(lo, a), min(hi, b)) for c0, lo, hi in owned if lo < b and hi > a]
     return pieces[0][0], pieces[-1][0] + patch, pieces
 
 
@@ -241,8 +264,10 @@ def _fast_axis(
     return min(p[0] for p in pieces), max(p[0] + p[1] for p in pieces), pieces
 
 
-def exact_patch_evaluations(shape: ShapeZYX, chunks: tuple[tuple[int, ...], ...], patch: ShapeZYX) -> tuple[int, int]:
-    """Patch evaluations of the ``exact`` tiling for `chunks`, and the number of distinct patches they cover."""
+def exact_patch_evaluations(
+    shape: ShapeZYX, chunks: tuple[tuple[int, ...], ...], patch: ShapeZYX
+) -> tuple[int, int]:
+    """Patch evaluations of the ``exact`` tiling for `chunks`, and the number of distinct kept patches."""
     per_axis = []
     for n, c, p in zip(shape, chunks, patch, strict=True):
         edges = np.cumsum((0,) + tuple(c))
@@ -255,7 +280,7 @@ def exact_patch_evaluations(shape: ShapeZYX, chunks: tuple[tuple[int, ...], ...]
 
 # --------------------------------------------------------------------------- per-chunk work
 def _segments(w0: int, w1: int, size: int, n: int) -> list[tuple[int, int, int]]:
-    """Pieces ``(window_lo, window_hi, source_lo)`` of ``[w0, w1)`` read modulo `size`, skipping pad zeros (>= n)."""
+    """Pieces ``(window_lo, window_hi, source_lo)`` of ``[w0, w1)`` read modulo `size`, without pad zeros."""
     out, w = [], w0
     while w < w1:
         src = w % size
@@ -285,6 +310,10 @@ def _assemble_window(
         for combo in itertools.product(*per_axis):
             window[tuple(c[0] for c in combo)] = normalize_block(block[tuple(c[1] for c in combo)], **norm)
     return window
+
+
+def _window_slices(job, w0) -> tuple[slice, ...]:
+    return tuple(slice(p[0] - o, p[0] - o + p[1]) for p, o in zip(job, w0, strict=True))
 
 
 def predict_block(
@@ -320,11 +349,11 @@ def predict_block(
     for group in groups.values():
         for i in range(0, len(group), batch_size):
             batch = group[i:i + batch_size]
-            inputs = np.stack([window[tuple(slice(p[0] - o, p[0] - o + p[1]) for p, o in zip(job, w0))]
-                               for job in batch])
+            inputs = np.stack([window[_window_slices(job, w0)] for job in batch])
             preds = run_network(model, inputs, amp=amp)
             for job, pred in zip(batch, preds, strict=True):
-                dst = tuple(slice(lo - a, hi - a) for (_, _, lo, hi), a in zip(job, chunk_start))
+                dst = tuple(slice(lo - a, hi - a)
+                            for (_, _, lo, hi), a in zip(job, chunk_start, strict=True))
                 src = tuple(slice(lo - s, hi - s) for (s, _, lo, hi) in job)
                 out[(slice(None), *dst)] = pred[(slice(None), *src)]
     return out
@@ -348,9 +377,9 @@ def predict_whole(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CryoSiam's in-memory tiling of a whole normalised volume (the reference and the benchmark baseline).
 
-    SpatialPad with zeros at the far end of dims smaller than the patch; patch starts every p/2 (all of them
-    evaluated, row-major, z outermost, in batches of `batch_size`); reads past the far end wrap around; the four
-    stitching rules of :func:`kept_ranges`, later writes winning; crop to the input shape.
+    SpatialPad with zeros at the far end of dims smaller than the patch; patch starts every p/2 (all of
+    them evaluated, row-major, z outermost, in batches of `batch_size`); reads past the far end wrap around;
+    the four stitching rules of :func:`kept_ranges`, later writes winning; crop to the input shape.
 
     Parameters
     ----------
@@ -375,14 +404,15 @@ def predict_whole(
     patches = list(itertools.product(*starts))
     for i in range(0, len(patches), batch_size):
         batch = patches[i:i + batch_size]
-        inputs = np.stack([vol[tuple(slice(c, c + p) for c, p in zip(c0, patch_size))] for c0 in batch])
+        inputs = np.stack([vol[tuple(slice(c, c + p) for c, p in zip(c0, patch_size, strict=True))]
+                           for c0 in batch])
         preds = run_network(model, inputs, amp=amp)
         for c0, pred in zip(batch, preds, strict=True):
-            if any(c not in k for c, k in zip(c0, keep)):
+            if any(c not in k for c, k in zip(c0, keep, strict=True)):
                 continue
-            ranges = [k[c] for c, k in zip(c0, keep)]
+            ranges = [k[c] for c, k in zip(c0, keep, strict=True)]
             dst = tuple(slice(lo, hi) for lo, hi in ranges)
-            src = tuple(slice(lo - c, hi - c) for (lo, hi), c in zip(ranges, c0))
+            src = tuple(slice(lo - c, hi - c) for (lo, hi), c in zip(ranges, c0, strict=True))
             out[(slice(None), *dst)] = pred[(slice(None), *src)]
     crop = (slice(None), *(slice(0, n) for n in shape))
     fg, dist, bnd = out[crop]
@@ -453,7 +483,8 @@ def predict_maps(
     amp : {None, "bf16", "fp16"}, default None
         Autocast on the device. With ``tiling="exact"`` on CUDA, TF32 is switched off in the workers.
     margin, window : int, optional
-        ``fast`` only: context voxels per side and maximal window edge (default :data:`FAST_DEFAULTS`).
+        ``fast`` only: context voxels per side and maximal window edge (default :func:`fast_defaults` of the
+        largest patch edge).
 
     Returns
     -------
@@ -470,8 +501,9 @@ def predict_maps(
     patch = _read_patch_size(str(checkpoint_path))
     if any(p % 4 for p in patch):
         raise ConfigError(f"checkpoint {checkpoint_path}: patch_size {patch} is not a multiple of 4")
-    margin = FAST_DEFAULTS["margin"] if margin is None else margin
-    window = FAST_DEFAULTS["window"] if window is None else window
+    default_margin, default_window = fast_defaults(max(patch))
+    margin = default_margin if margin is None else margin
+    window = default_window if window is None else window
     if tiling == "fast" and (margin < 0 or window <= 2 * margin):
         raise ConfigError(f"fast tiling needs 0 <= margin < window/2, got margin {margin}, window {window}")
     if device.startswith("cuda") and tiling == "exact":
@@ -484,14 +516,16 @@ def predict_maps(
     task = dask.delayed(_chunk_task, pure=True)
     nested = np.empty(blocks.shape, object)
     for idx in np.ndindex(*blocks.shape):
-        bounds = [(e[i], e[i + 1]) for e, i in zip(edges, idx)]
+        bounds = [(e[i], e[i + 1]) for e, i in zip(edges, idx, strict=True)]
         if tiling == "exact":
-            plan = tuple(_exact_axis(a, b, s, p) for (a, b), s, p in zip(bounds, size, patch))
+            plan = tuple(_exact_axis(a, b, s, p) for (a, b), s, p in zip(bounds, size, patch, strict=True))
         else:
-            plan = tuple(_fast_axis(a, b, s, margin=margin, window=window) for (a, b), s in zip(bounds, size))
+            plan = tuple(_fast_axis(a, b, s, margin=margin, window=window)
+                         for (a, b), s in zip(bounds, size, strict=True))
         needed = [[j for j in range(len(e) - 1) if _reads(e[j], e[j + 1], w0, w1, s, n)]
-                  for e, (w0, w1, _), s, n in zip(edges, plan, size, shape)]
-        inputs = [(blocks[j], tuple(e[k] for e, k in zip(edges, j))) for j in itertools.product(*needed)]
+                  for e, (w0, w1, _), s, n in zip(edges, plan, size, shape, strict=True)]
+        inputs = [(blocks[j], tuple(e[k] for e, k in zip(edges, j, strict=True)))
+                  for j in itertools.product(*needed)]
         chunk_start = tuple(a for a, _ in bounds)
         chunk_shape = tuple(b - a for a, b in bounds)
         out = task(inputs, None if masks is None else masks[idx], checkpoint_path=str(checkpoint_path),
