@@ -193,13 +193,16 @@ def _shift(a: Any, axis: int, step: int, fill: Any) -> Any:
 def flood_watershed(image: Any, markers: Any, mask: Any) -> Any:
     """Seeded watershed written with array operations only (numpy or cupy, unchanged).
 
-    Every mask voxel takes the marker of the 6-neighbour through which the flood reaches it first. The flood
-    time of a voxel is its minimax cost ``c`` (the lowest possible maximum of `image` along a 6-connected path
-    inside the mask from a marker, both ends included); a voxel's label is the label of its neighbour of
-    lowest ``c``. Both are found by relaxing ``c(p) = max(image[p], min_q c(q))`` over the six neighbours
-    until nothing changes (at most the longest flooding path, in iterations). This is the partition that skimage's
-    priority-queue watershed produces when `image` has no ties; on ties skimage goes first-in-first-out, which
-    this formulation does not reproduce.
+    Every mask voxel takes the marker of the 6-neighbour through which the flood reaches it first. The
+    flood time of a voxel is its minimax cost ``c``: the lowest possible maximum of `image` along a
+    6-connected path inside the mask from a marker voxel to it, both ends included (skimage queues marker
+    voxels at their own value). A voxel's label is the label of its neighbour of lowest ``c``; among
+    neighbours of equal ``c`` (a basin flooded through one pass voxel) the one fewest steps from the voxel
+    where that cost was set. Costs, steps and labels are found by relaxing
+    ``c(p) = max(image[p], min_q c(q))`` over the six neighbours until nothing changes: a flood "by sorted
+    level" done as repeated whole-array passes (at most the longest flooding path in passes, each a handful
+    of ``xp.where``/``xp.minimum`` calls), so it runs unchanged on the GPU. This gives skimage's partition
+    when `image` has no ties; on ties skimage goes first-in-first-out, which this does not reproduce.
 
     Parameters
     ----------
@@ -218,21 +221,28 @@ def flood_watershed(image: Any, markers: Any, mask: Any) -> Any:
     seeds = (markers > 0) & mask
     labels = xp.where(seeds, markers, 0).astype(xp.int64)
     cost = xp.where(seeds, image, xp.inf)
+    hops = xp.zeros(image.shape, dtype=xp.int64)
     free = mask & ~seeds
+    far = xp.iinfo(xp.int64).max
     neighbours = [(axis, step) for axis in range(image.ndim) for step in (1, -1)]
     while True:
         best = xp.full_like(cost, xp.inf)
+        best_hops = xp.full_like(hops, far)
         best_label = xp.zeros_like(labels)
         for axis, step in neighbours:
-            c = _shift(cost, axis, step, xp.inf)
-            better = c < best
+            c, h = _shift(cost, axis, step, xp.inf), _shift(hops, axis, step, far)
+            better = (c < best) | ((c == best) & (h < best_hops))
             best = xp.where(better, c, best)
+            best_hops = xp.where(better, h, best_hops)
             best_label = xp.where(better, _shift(labels, axis, step, 0), best_label)
+        reached = free & (best < xp.inf)
         new_cost = xp.where(free, xp.maximum(image, best), cost)
-        new_labels = xp.where(free & xp.isfinite(best), best_label, labels)
-        if bool(xp.array_equal(new_cost, cost)) and bool(xp.array_equal(new_labels, labels)):
-            return labels
-        cost, labels = new_cost, new_labels
+        new_hops = xp.where(reached, xp.where(image >= best, 0, best_hops + 1), hops)
+        new_labels = xp.where(reached, best_label, labels)
+        same = xp.array_equal(new_cost, cost) & xp.array_equal(new_hops, hops)
+        if bool(same & xp.array_equal(new_labels, labels)):
+            return new_labels
+        cost, hops, labels = new_cost, new_hops, new_labels
 
 
 def seeded_watershed(image: Any, markers: Any, mask: Any) -> Any:
@@ -250,8 +260,9 @@ def seeded_watershed(image: Any, markers: Any, mask: Any) -> Any:
     -------
     (Z, Y, X) ndarray of int64, the same array type as `image`
         On numpy: ``skimage.segmentation.watershed(image, markers, mask=mask, connectivity=1)``, exactly as
-        the original. On cupy (no cuCIM watershed exists): `flood_watershed`, an iterative minimax relaxation with
-        array operations only, run on the GPU; same partition as skimage's where `image` has no ties.
+        the original. On cupy (no cuCIM watershed exists): `flood_watershed`, an iterative minimax
+        relaxation with array operations only, run on the GPU (no host round trip); same partition as
+        skimage's where `image` has no ties.
     """
     if is_cupy(image):
         return flood_watershed(image, markers, mask)
