@@ -315,13 +315,15 @@ def segment_block(
     threshold_max: float,
     assignment_threshold: float,
     distance_type: int,
-) -> tuple[Any, Any, Any, Any]:
+) -> tuple[Any, Any, Any, Any, Any]:
     """The whole watershed path on one in-memory block (numpy or cupy), with what the merge needs.
 
     Returns
     -------
     labels : (Z, Y, X) ndarray of int64
         Instance ids = marker ids (CryoSiam's order within this block).
+    markers : (Z, Y, X) ndarray of int64
+        The markers (`find_markers`), before the mask drops those of their voxels outside it.
     level_of : (n + 1,) ndarray of int64
         Level index of each marker id (see `find_markers_with_levels`).
     mask : (Z, Y, X) ndarray of bool
@@ -334,7 +336,7 @@ def segment_block(
     )
     markers, level_of = find_markers_with_levels(dist, threshold_min, threshold_max)
     labels = seeded_watershed(-dist.astype(get_xp(dist).float64), markers, mask)
-    return labels, level_of, mask, dist
+    return labels, markers, level_of, mask, dist
 
 
 def instance_segmentation(
