@@ -197,3 +197,12 @@ def test_errors():
         segment_instances(a, a[:5], **PARAMS)
     with pytest.raises(NotSupportedError, match="network.postprocessing: False"):
         segment_instances(a, a, postprocessing=True, **PARAMS)
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(tmp_path):
+    from benchmarks.bench_instances import main
+
+    rows = main(["--shape", "24", "32", "32", "--chunks", "16", "--halo", "14", "--out", str(tmp_path)])
+    assert [r["run"] for r in rows] == ["in-memory reference", "chunked, 1 worker(s)", "chunked, 2 worker(s)"]
+    assert (tmp_path / "bench_instances_24x32x32.json").is_file()

@@ -1,0 +1,139 @@
+"""Post-processing stage: the in-memory reference vs chunked `segment_instances` on 1 and 2 workers.
+
+Synthetic maps like the network's targets (random balls: fg = blurred ball indicator, distance = signed EDT
+clipped to [-5, 5]), one run each: (a) ``instances.instance_segmentation`` on the whole volume in this
+process, (b, c) ``merge.segment_instances`` on a process LocalCluster of 1 and 2 workers (one thread each),
+input persisted first, a warm-up on a small volume before. Prints voxels/s, peak RSS (this process plus its
+workers, sampled), the ratios against (a), and whether the chunked ids equal the reference; writes JSON.
+
+    python -m benchmarks.bench_instances --shape 64 128 128 --chunks 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks._common import PeakRSS, table, write_results
+
+PARAMS = dict(threshold_min=1, threshold_max=4, assignment_threshold=0.65, distance_type=1)
+
+
+def setup(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random balls kept apart (radius 3-7, up to one per 8000 voxels): fg and distance maps, float32."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    inside = np.zeros(shape, bool)
+    placed: list[tuple[np.ndarray, float]] = []
+    for _ in range(max(1, int(np.prod(shape) / 8000))):
+        c, r = rng.uniform(0, shape), rng.uniform(3, 7)
+        if any(np.linalg.norm(c - c2) < r + r2 + 2 for c2, r2 in placed):
+            continue  # apart: touching clusters would grow beyond the halo
+        placed.append((c, r))
+        lo = np.maximum(0, np.floor(c - r)).astype(int)
+        hi = np.minimum(shape, np.ceil(c + r) + 1).astype(int)
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        z, y, x = np.ogrid[sl]
+        inside[sl] |= (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= r * r
+    dist = np.clip(ndi.distance_transform_edt(inside) - ndi.distance_transform_edt(~inside), -5, 5)
+    fg = ndi.gaussian_filter(inside.astype(np.float32), 1.0)
+    return fg, dist.astype(np.float32)
+
+
+def time_reference(fg: np.ndarray, dist: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    from cryosiam_dask.instances import instance_segmentation
+
+    instance_segmentation(fg[:16, :16, :16], dist[:16, :16, :16], **PARAMS)  # warm-up
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        labels = instance_segmentation(fg, dist, **PARAMS)
+        wall = time.perf_counter() - t0
+    return {"run": "in-memory reference", "wall_s": wall, "peak_rss_GiB": mem.peak / 2**30}, labels
+
+
+def time_chunked(
+    fg: np.ndarray, dist: np.ndarray, chunks: tuple[int, ...], halo: int, workers: int
+) -> tuple[dict[str, Any], np.ndarray]:
+    import dask.array as da
+    from distributed import Client, LocalCluster
+
+    from cryosiam_dask.merge import segment_instances
+
+    with (
+        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cl,
+        Client(cl) as client,
+    ):
+        small = [da.from_array(a[:24, :24, :24], chunks=12) for a in (fg, dist)]
+        segment_instances(*small, halo=halo, **PARAMS)[0].compute()  # warm-up (imports in the workers)
+        f, d = (client.persist(da.from_array(a, chunks=chunks)) for a in (fg, dist))
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            lazy, report = segment_instances(f, d, halo=halo, **PARAMS)
+            labels = lazy.compute()
+            wall = time.perf_counter() - t0
+    row = {
+        "run": f"chunked, {workers} worker(s)",
+        "wall_s": wall,
+        "peak_rss_GiB": mem.peak / 2**30,
+        "n_chunks": report.n_chunks,
+        "n_skipped": report.n_skipped,
+        "oversized": report.oversized,
+    }
+    return row, labels
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", type=int, nargs=3, default=[64, 128, 128], metavar=("Z", "Y", "X"))
+    p.add_argument("--chunks", type=int, nargs="+", default=[64], help="one edge or (z, y, x)")
+    p.add_argument("--halo", type=int, default=32)
+    p.add_argument("--out", type=Path, default=Path("bench_out"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    shape = tuple(args.shape)
+    chunks = tuple(args.chunks) * 3 if len(args.chunks) == 1 else tuple(args.chunks)
+    fg, dist = setup(shape)
+    config = {"shape": shape, "chunks": chunks, "halo": args.halo, "params": PARAMS, "threads_per_worker": 1}
+    ref_row, ref = time_reference(fg, dist)
+    ref_row["n_instances"] = int(ref.max())
+    rows = [ref_row]
+    for workers in (1, 2):
+        row, labels = time_chunked(fg, dist, chunks, args.halo, workers)
+        row["ids_equal_reference"] = bool(np.array_equal(labels, ref))
+        row["n_instances"] = int(labels.max())
+        rows.append(row)
+    n = int(np.prod(shape))
+    for r in rows:
+        r["voxels_per_s"] = n / r["wall_s"]
+        r["speed_ratio_vs_reference"] = ref_row["wall_s"] / r["wall_s"]
+        r["rss_ratio_vs_reference"] = r["peak_rss_GiB"] / ref_row["peak_rss_GiB"]
+    print(
+        table(
+            rows,
+            [
+                "run",
+                "wall_s",
+                "voxels_per_s",
+                "speed_ratio_vs_reference",
+                "peak_rss_GiB",
+                "rss_ratio_vs_reference",
+                "n_instances",
+                "ids_equal_reference",
+                "oversized",
+            ],
+        )
+    )
+    path = write_results(args.out, f"bench_instances_{'x'.join(map(str, shape))}", config, rows)
+    print(f"results: {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
