@@ -91,10 +91,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--margin", type=int, default=None)
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--engineered", action="store_true", help="particle-segmenting synthetic weights")
+    p.add_argument("--malloc-trim", action="store_true",
+                   help="keep distributed's MALLOC_TRIM_THRESHOLD_=65536 in the workers (slows torch ~1.7x)")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
+    import dask
     import dask.array as da
     from distributed import Client, LocalCluster
 
@@ -105,14 +108,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     patch = args.patch
     config = {"shape": shape, "chunks": chunks, "arch": args.arch, "patch": patch,
               "batch_size": args.batch_size, "workers": args.workers, "threads_per_worker": 1,
-              "margin": args.margin, "window": args.window, "engineered": args.engineered}
+              "margin": args.margin, "window": args.window, "engineered": args.engineered,
+              "malloc_trim_threshold": args.malloc_trim}
     with tempfile.TemporaryDirectory() as tmp:
         volume, ckpt, patch = setup(shape, args.arch, patch, Path(tmp), args.engineered)
         config["patch"], config["checkpoint"] = patch, str(ckpt)
         whole, ref = time_whole(volume, ckpt, args.batch_size)
         rows = [whole]
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+        environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
+        if not args.malloc_trim:  # a fixed trim threshold disables glibc's dynamic mmap threshold: every
+            environ.pop("MALLOC_TRIM_THRESHOLD_", None)  # large torch buffer is then mmap'ed and page-faulted
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), LocalCluster(
+            n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster, Client(cluster) as client:
             tomogram = client.persist(da.from_array(volume, chunks=chunks))
             client.run(inf.get_network, str(ckpt))  # warm-up: load the network once in every worker
             exact, exact_maps = time_chunked(client, tomogram, ckpt, "exact", args.batch_size)
