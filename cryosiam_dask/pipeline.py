@@ -333,7 +333,10 @@ def _add_log_file(config: InstanceConfig) -> logging.Handler | None:
         return None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
-    logging.getLogger("cryosiam_dask").addHandler(handler)
+    pkg = logging.getLogger("cryosiam_dask")
+    pkg.addHandler(handler)
+    if pkg.getEffectiveLevel() > logging.INFO:
+        pkg.setLevel(logging.INFO)
     return handler
 
 
