@@ -20,5 +20,10 @@ def test_quickstart_notebook_executes(tmp_path):
     outputs = "".join(
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
     )
-    assert "dashboard: http://127.0.0.1:" in outputs
-    assert "instances found" in outputs
+    assert "dashboard: http" in outputs
+    found, true = (
+        int(w)
+        for w in outputs.split(" instances found; ")[0].split()[-1:]
+        + outputs.split(" instances found; ")[1].split()[:1]
+    )
+    assert abs(found - true) <= 2, outputs
