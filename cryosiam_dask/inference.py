@@ -359,12 +359,15 @@ def predict_block(
     return out
 
 
-def _chunk_task(blocks, mask, *, checkpoint_path, device, amp, batch_size, plan, size, shape, norm,
+def _chunk_task(blocks, mask, *, checkpoint_path, device, amp, tf32, batch_size, plan, size, shape, norm,
                 chunk_start, chunk_shape):
     """One output chunk: zeros where the mask is all zero, else window → network → kept parts × mask."""
     if mask is not None and not np.any(mask):
         return np.zeros((3, *chunk_shape), np.float32)
-    _set_torch_threads()
+    if device == "cpu":
+        _set_torch_threads()
+    else:
+        _set_tf32(tf32)
     model = get_network(checkpoint_path, device)
     window = _assemble_window(blocks, plan, size, shape, norm)
     out = predict_block(window, model, plan, chunk_start, chunk_shape, batch_size=batch_size, amp=amp)
@@ -394,6 +397,9 @@ def predict_whole(
     -------
     foreground, distance, boundary : (Z, Y, X) ndarray of float32
     """
+    if volume.ndim != 3 or len(patch_size) != 3 or any(p % 4 for p in patch_size):
+        raise ConfigError(f"need a 3-D volume and a patch size of multiples of 4, got volume "
+                          f"{volume.shape} and patch_size {tuple(patch_size)}")
     shape = volume.shape
     size = tuple(max(n, p) for n, p in zip(shape, patch_size, strict=True))
     vol = np.pad(np.asarray(volume, np.float32), [(0, s - n) for s, n in zip(size, shape, strict=True)])
@@ -506,8 +512,6 @@ def predict_maps(
     window = default_window if window is None else window
     if tiling == "fast" and (margin < 0 or window <= 2 * margin):
         raise ConfigError(f"fast tiling needs 0 <= margin < window/2, got margin {margin}, window {window}")
-    if device.startswith("cuda") and tiling == "exact":
-        dask.compute([dask.delayed(_tf32_off)() for _ in range(1)])
     shape = tuple(int(n) for n in tomogram.shape)
     size = tuple(max(n, p) for n, p in zip(shape, patch, strict=True))
     edges = [np.cumsum((0,) + tuple(c)).tolist() for c in tomogram.chunks]
@@ -529,7 +533,8 @@ def predict_maps(
         chunk_start = tuple(a for a, _ in bounds)
         chunk_shape = tuple(b - a for a, b in bounds)
         out = task(inputs, None if masks is None else masks[idx], checkpoint_path=str(checkpoint_path),
-                   device=device, amp=amp, batch_size=batch_size, plan=plan, size=size, shape=shape,
+                   device=device, amp=amp, tf32=tiling != "exact", batch_size=batch_size, plan=plan,
+                   size=size, shape=shape,
                    norm=norm, chunk_start=chunk_start, chunk_shape=chunk_shape)
         nested[idx] = da.from_delayed(out, (3, *chunk_shape), dtype=np.float32,
                                       meta=np.empty((0, 0, 0, 0), np.float32))
@@ -542,8 +547,10 @@ def _reads(lo: int, hi: int, w0: int, w1: int, size: int, n: int) -> bool:
     return any(src < hi and src + (b - a) > lo for a, b, src in _segments(w0, w1, size, n))
 
 
-def _tf32_off() -> None:
+def _set_tf32(allow: bool) -> None:
+    """TF32 convolutions and matmuls on or off in this process (off for ``exact``: TF32 differs by ~1e-3)."""
     import torch
 
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = allow  # torch's default is True for convolutions
+    if not allow:
+        torch.backends.cuda.matmul.allow_tf32 = False

@@ -70,6 +70,7 @@ def _maps(tomogram, path, **kw):
     [(0, 1, 0, 1), (0.1, 0.7, 0.3, 0.21), (-3.3, 17.1, 0.123456789, 3.3), (0.5, 0.5, 0.1, 2.0),
      (0, 1, 0.2, 0)],
 )
+@pytest.mark.filterwarnings("ignore:Divide by zero")  # MONAI warns when a_min == a_max
 def test_normalize_block_matches_monai(a_min, a_max, mean, std):
     from monai.transforms import NormalizeIntensity, ScaleIntensityRange
 
@@ -248,3 +249,15 @@ def test_exact_under_multiprocess_cluster(golden):
     for g, w in zip(got, ref, strict=True):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
     assert all(n <= 1 for n in loads.values()) and sum(loads.values()) >= 1
+
+
+@pytest.mark.slow
+def test_bench_inference_smoke(tmp_path):
+    from benchmarks.bench_inference import main
+
+    args = ["--shape", "20", "24", "24", "--arch", "tiny", "--chunks", "20", "12", "24"]
+    args += ["--out", str(tmp_path)]
+    rows = main(args)
+    assert [r["run"] for r in rows] == ["whole (original)", "chunked exact", "chunked fast"]
+    assert rows[1]["foreground_vs_whole_max"] < 1e-5
+    assert list(tmp_path.glob("bench_inference_tiny_*.json"))
