@@ -161,6 +161,19 @@ def _window_keys(
     return keys, unique[unique > 0], n_oversized, False
 
 
+def _window_keys_to_store(
+    foreground: Any, distance: Any, *, store: Any, region: tuple[slice, ...], **kwargs: Any
+) -> tuple[None, np.ndarray, int, bool]:
+    """`_window_keys`, writing the core's keys into ``store[region]`` (zarr) instead of returning them.
+
+    Each region is one whole chunk of ``store``, so concurrent tasks never write the same zarr chunk and a
+    task that is re-run (lost worker, resume) rewrites the same bytes.
+    """
+    keys, unique, n_oversized, skipped = _window_keys(foreground, distance, **kwargs)
+    store[region] = to_numpy(keys)
+    return None, unique, n_oversized, skipped
+
+
 def _lookup(keys: Any, table: np.ndarray) -> Any:
     """Map keys (uint64) to ids 1..N (uint32) through the sorted key table; 0 stays 0."""
     xp = get_xp(keys)
@@ -180,6 +193,7 @@ def segment_instances(
     halo: int | tuple[int, int, int] = 32,
     boundary: da.Array | None = None,
     postprocessing: bool = False,
+    keys_store: Any = None,
 ) -> tuple[da.Array, InstanceReport]:
     """CryoSiam's instances of a chunked volume, with ids unique across it.
 
@@ -197,6 +211,11 @@ def segment_instances(
         Only the multicut uses it; ignored.
     postprocessing : bool, default False
         True (the multicut) raises `NotSupportedError`.
+    keys_store : zarr.Array or None, default None
+        A uint64 zarr array, the volume's shape, chunks equal to `foreground`'s: each window task writes its
+        core's keys there, so only small statistics travel back and the labels are read lazily from it
+        (bounded memory for volumes larger than the cluster's memory). None: the keys are persisted in
+        (distributed) memory.
 
     Returns
     -------
@@ -243,10 +262,16 @@ def segment_instances(
         w0 = [max(0, lo[a] - halo3[a]) for a in range(3)]
         w1 = [min(shape[a], hi[a] + halo3[a]) for a in range(3)]
         window = tuple(slice(w0[a], w1[a]) for a in range(3))
+        fn = _window_keys
+        extra: dict[str, Any] = {}
+        if keys_store is not None:
+            fn = _window_keys_to_store
+            extra = {"store": keys_store, "region": tuple(slice(lo[a], hi[a]) for a in range(3))}
         tasks.append(
-            dask.delayed(_window_keys, pure=True)(
+            dask.delayed(fn, pure=True)(
                 fg[window],
                 dist[window],
+                **extra,
                 start=tuple(w0),
                 core=tuple(slice(lo[a] - w0[a], hi[a] - w0[a]) for a in range(3)),
                 cut=tuple((w0[a] > 0, w1[a] < shape[a]) for a in range(3)),
@@ -255,8 +280,11 @@ def segment_instances(
                 params=params,
             )
         )
-    tasks = list(dask.persist(*tasks))
-    stats = dask.compute(*[dask.delayed(operator.itemgetter(1, 2, 3))(t) for t in tasks])
+    if keys_store is not None:
+        stats = [t[1:] for t in dask.compute(*tasks)]
+    else:
+        tasks = list(dask.persist(*tasks))
+        stats = dask.compute(*[dask.delayed(operator.itemgetter(1, 2, 3))(t) for t in tasks])
     table = np.unique(np.concatenate([s[0] for s in stats] + [np.zeros(0, np.uint64)]))
     n_skipped = sum(bool(s[2]) for s in stats)
     oversized = sum(int(s[1]) for s in stats)
@@ -269,13 +297,16 @@ def segment_instances(
             oversized_chunks,
             halo3,
         )
-    meta = fg._meta.astype(np.uint64)
-    blocks = np.empty(grid, dtype=object)
-    for index, task in zip(product(*(range(n) for n in grid)), tasks, strict=True):
-        core_shape = tuple(int(fg.chunks[a][i]) for a, i in enumerate(index))
-        item = dask.delayed(operator.itemgetter(0))(task)
-        blocks[index] = da.from_delayed(item, shape=core_shape, dtype=np.uint64, meta=meta)
-    keys = da.block(blocks.tolist())
+    if keys_store is not None:
+        keys = da.from_zarr(keys_store, chunks=fg.chunks)
+    else:
+        meta = fg._meta.astype(np.uint64)
+        blocks = np.empty(grid, dtype=object)
+        for index, task in zip(product(*(range(n) for n in grid)), tasks, strict=True):
+            core_shape = tuple(int(fg.chunks[a][i]) for a, i in enumerate(index))
+            item = dask.delayed(operator.itemgetter(0))(task)
+            blocks[index] = da.from_delayed(item, shape=core_shape, dtype=np.uint64, meta=meta)
+        keys = da.block(blocks.tolist())
     labels = keys.map_blocks(_lookup, table, dtype=np.uint32, meta=fg._meta.astype(np.uint32))
     report = InstanceReport(
         n_instances=int(table.size),

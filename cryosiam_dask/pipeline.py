@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,33 @@ def _fingerprint(config: InstanceConfig, job: _Job) -> dict[str, Any]:
 
 def _key(fp: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _compute(*objs: Any) -> tuple[Any, ...]:
+    """``dask.compute`` with a progress bar on stderr when ``progress`` is on (the CLI turns it on).
+
+    On a distributed client the bar is ``distributed.progress`` over the futures; otherwise dask's local
+    ``ProgressBar``.
+    """
+    if not PROGRESS["on"]:
+        return dask.compute(*objs)
+    try:
+        from distributed import get_client, progress
+
+        client = get_client()
+    except (ImportError, ValueError):
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar(out=sys.stderr):
+            return dask.compute(*objs)
+    futures = client.compute(list(objs))
+    progress(futures)
+    print(file=sys.stderr)
+    return tuple(client.gather(futures))
+
+
+PROGRESS = {"on": False}
+"""Set ``PROGRESS["on"] = True`` for progress bars (the CLI does; notebooks use the dashboard)."""
 
 
 def _check_writable(folder: Path) -> None:
@@ -184,7 +212,7 @@ def _predict_maps(config: InstanceConfig, jobs: list[_Job], device: str) -> None
         stores.append(da.store(list(maps), targets, lock=False, compute=False))
         job.maps = tuple(da.from_zarr(t) for t in targets)
     if stores:
-        dask.compute(*stores)
+        _compute(*stores)
 
 
 def _zarr_target(store: Path, name: str, array: da.Array) -> Any:
@@ -215,35 +243,47 @@ def _semantic_override(config: InstanceConfig, job: _Job) -> None:
     job.maps = (fg_da, job.maps[1], job.maps[2])
 
 
-def _segment(config: InstanceConfig, jobs: list[_Job]) -> None:
+def _segment_one(config: InstanceConfig, job: _Job) -> Any:
+    """Instances of one tomogram; the window keys go to a zarr store in work_dir (bounded memory)."""
+    import zarr
+
     from cryosiam_dask.merge import segment_instances
 
     n = config.parameters.network
-    s = config.cryosiam_dask
+    _semantic_override(config, job)
+    fg, dist, _ = job.maps
+    chunks = tuple(c[0] for c in fg.chunks)
+    keys = zarr.open_group(str(config.work_dir / job.stem / "instances.zarr"), mode="a").create_array(
+        "keys", shape=fg.shape, chunks=chunks, dtype=np.uint64, fill_value=0, overwrite=True
+    )
+    labels, report = segment_instances(
+        fg,
+        dist,
+        threshold_min=n.min_center_distance,
+        threshold_max=n.max_center_distance,
+        assignment_threshold=n.threshold_foreground,
+        distance_type=n.distance_type,
+        halo=config.cryosiam_dask.halo,
+        keys_store=keys,
+    )
+    return labels, report
+
+
+def _segment(config: InstanceConfig, jobs: list[_Job]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    # One thread per tomogram submits its windows, so the windows of all tomograms share the cluster.
+    with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+        done = list(pool.map(lambda job: _segment_one(config, job), jobs))
     stores = []
-    reports = []
-    for job in jobs:
-        _semantic_override(config, job)
-        fg, dist, _ = job.maps
-        labels, report = segment_instances(
-            fg,
-            dist,
-            threshold_min=n.min_center_distance,
-            threshold_max=n.max_center_distance,
-            assignment_threshold=n.threshold_foreground,
-            distance_type=n.distance_type,
-            halo=s.halo,
-        )
-        store = config.work_dir / job.stem / "instances.zarr"
-        target = _zarr_target(store, "instances", labels)
+    for job, (labels, report) in zip(jobs, done, strict=True):
+        target = _zarr_target(config.work_dir / job.stem / "instances.zarr", "instances", labels)
         stores.append(da.store(labels, target, lock=False, compute=False))
         job.labels = da.from_zarr(target)
-        reports.append((job, report))
-    if stores:
-        dask.compute(*stores)
-    for job, report in reports:
         job.result.report.update(_report_dict(report))
         job.result.n_instances = int(job.result.report.get("n_instances", 0))
+    if stores:
+        _compute(*stores)
 
 
 def _report_dict(report: Any) -> dict[str, Any]:
