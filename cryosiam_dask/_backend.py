@@ -1,4 +1,4 @@
-"""Array-module dispatch: numpy/scipy for numpy chunks, cupy/cupyx for cupy chunks (cupy imported when seen)."""
+"""Array-module dispatch: numpy/scipy for numpy chunks, cupy/cupyx for cupy chunks (cupy loaded when seen)."""
 
 from __future__ import annotations
 
