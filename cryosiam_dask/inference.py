@@ -43,26 +43,31 @@ logger = logging.getLogger(__name__)
 STRIDE = 8
 """Total down-sampling of the network (res5 is at 1/8): fast windows start and end on multiples of it."""
 
+
 def fast_defaults(patch: int) -> tuple[int, int]:
     """Default ``(margin, window)`` of the ``fast`` tiling for a patch edge `patch`.
 
     margin = p/4 rounded up to a multiple of 8 (the original's smallest context); window = 2p, at most 160
     (a 160³ window of the real architecture holds about 1 GB per 64-channel float32 tensor).
 
-    Measured on 2 shared CPU cores, golden checkpoint (p = 32), against ``exact``; max / mean abs difference
-    of foreground, distance, boundary, and time vs the whole-volume original:
+    Measured on 2 shared CPU cores (sync scheduler, torch 2 threads), golden checkpoint (p = 32), against
+    ``exact``: max/mean abs difference of foreground, distance, boundary; wall time, whole-volume original in
+    brackets. Timings on this shared machine vary up to 4x from run to run; the differences are exact.
 
-    - golden 40×61×44, one chunk, margin 8, window 64: 0.163/0.0076, 1.07/0.069, 0.17/0.006; 5.0 s vs 12.5 s
-    - golden, one chunk, 16, 96: 0.151/0.0078, 0.98/0.071, 0.17/0.006; 6.2 s
-    - golden, one chunk, 32, 128: 0.150/0.0078, 0.98/0.070, 0.17/0.006; 5.3 s
-    - golden, chunks 32³, 8, 64: 0.157/0.0091, 1.08/0.083, 0.22/0.006; 23 s
-    - golden, chunks 32³, 16, 64: 0.140/0.0075, 0.98/0.068, 0.17/0.006; 31 s
-    - synthetic 48×80×80, one chunk, 8, 64: 0.166/0.0033, 0.81/0.061, 0.25/0.005; 11 s vs 62 s
-    - synthetic, one chunk, 16, 96: 0.162/0.0038, 0.79/0.068, 0.28/0.006; 13 s
+    - golden 40×61×44, one chunk, margin 8, window 64: 0.163/0.0076, 1.07/0.069, 0.17/0.0057; 2.2 s (7.3 s)
+    - golden, one chunk, 16, 96: 0.151/0.0078, 0.98/0.071, 0.17/0.0059; 1.4 s
+    - golden, one chunk, 32, 128: 0.150/0.0078, 0.98/0.070, 0.17/0.0059; 1.5 s
+    - golden, chunks 24×32×32, 8, 64: 0.149/0.0075, 1.05/0.072, 0.21/0.0052; 8.6 s
+    - golden, chunks 24×32×32, 16, 64: 0.155/0.0075, 0.98/0.068, 0.15/0.0055; 8.1 s
+    - synthetic 48×80×80, one chunk, 8, 64: 0.166/0.0033, 0.81/0.061, 0.25/0.0052; 0.7 s (1.7 s)
+    - synthetic, one chunk, 16, 96: 0.162/0.0038, 0.79/0.068, 0.28/0.0062; 1.5 s
+    - synthetic, chunks 24×32×32, 8, 64: 0.212/0.0038, 0.85/0.068, 0.24/0.0049; 3.9 s
 
     The difference hardly depends on the margin: it is the original's own context limit (a patch keeps
-    voxels 8 to 24 voxels from its border), not fast's. A larger margin moves fast further from ``exact``
-    (towards the infinite-context maps), so the default keeps p/4. Timings on the busy machine are noisy.
+    only voxels 8 to 24 voxels from its border), not fast's; a larger margin does not bring fast closer to
+    ``exact``, so the default keeps p/4. Chunk size matters more for speed than the margin: with the tiny
+    network, chunks under 2p cost more in per-task overhead and small windows than they save (real
+    architecture, 64³, p = 64, chunks 64×64×32, 2 workers: fast 20 s vs whole 61 s, exact 90 s).
     """
     margin = -(-patch // 4 // STRIDE) * STRIDE
     return margin, max(min(2 * patch, 160), 2 * margin + STRIDE)
