@@ -162,15 +162,25 @@ def _window_keys(
 
 
 def _window_keys_to_store(
-    foreground: Any, distance: Any, *, store: Any, region: tuple[slice, ...], **kwargs: Any
+    foreground: Any,
+    distance: Any,
+    *,
+    store: Any,
+    region: tuple[slice, ...],
+    records: Any = None,
+    index: tuple[int, ...] = (),
+    **kwargs: Any,
 ) -> tuple[None, np.ndarray, int, bool]:
     """`_window_keys`, writing the core's keys into ``store[region]`` (zarr) instead of returning them.
 
     Each region is one whole chunk of ``store``, so concurrent tasks never write the same zarr chunk and a
-    task that is re-run (lost worker, resume) rewrites the same bytes.
+    task that is re-run (lost worker, resume) rewrites the same bytes. With ``records``, the window's small
+    statistics are saved after the keys (``records.save(index, unique=, oversized=, skipped=)``).
     """
     keys, unique, n_oversized, skipped = _window_keys(foreground, distance, **kwargs)
     store[region] = to_numpy(keys)
+    if records is not None:
+        records.save(index, unique=unique, oversized=n_oversized, skipped=skipped)
     return None, unique, n_oversized, skipped
 
 
@@ -194,6 +204,7 @@ def segment_instances(
     boundary: da.Array | None = None,
     postprocessing: bool = False,
     keys_store: Any = None,
+    records: Any = None,
 ) -> tuple[da.Array, InstanceReport]:
     """CryoSiam's instances of a chunked volume, with ids unique across it.
 
@@ -216,6 +227,10 @@ def segment_instances(
         core's keys there, so only small statistics travel back and the labels are read lazily from it
         (bounded memory for volumes larger than the cluster's memory). None: the keys are persisted in
         (distributed) memory.
+    records : object or None, default None
+        With `keys_store`: per-chunk done records for resuming (``load(index) -> dict or None`` and
+        ``save(index, unique=, oversized=, skipped=)``, e.g. ``cryosiam_dask._resume.ChunkMarkers``).
+        Chunks with a record are not segmented again; their statistics are read from the record.
 
     Returns
     -------
@@ -256,7 +271,12 @@ def segment_instances(
     bounds = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in fg.chunks]
     grid = tuple(len(c) for c in fg.chunks)
     tasks = []
+    stats_of: dict[tuple[int, ...], tuple[np.ndarray, int, bool]] = {}
     for index in product(*(range(n) for n in grid)):
+        record = records.load(index) if records is not None and keys_store is not None else None
+        if record is not None:
+            stats_of[index] = (record["unique"], int(record["oversized"]), bool(record["skipped"]))
+            continue
         lo = [int(bounds[a][i]) for a, i in enumerate(index)]
         hi = [int(bounds[a][i + 1]) for a, i in enumerate(index)]
         w0 = [max(0, lo[a] - halo3[a]) for a in range(3)]
@@ -266,7 +286,8 @@ def segment_instances(
         extra: dict[str, Any] = {}
         if keys_store is not None:
             fn = _window_keys_to_store
-            extra = {"store": keys_store, "region": tuple(slice(lo[a], hi[a]) for a in range(3))}
+            region = tuple(slice(lo[a], hi[a]) for a in range(3))
+            extra = {"store": keys_store, "region": region, "records": records, "index": index}
         tasks.append(
             dask.delayed(fn, pure=True)(
                 fg[window],
@@ -281,7 +302,12 @@ def segment_instances(
             )
         )
     if keys_store is not None:
-        stats = [t[1:] for t in dask.compute(*tasks)]
+        todo = [i for i in product(*(range(n) for n in grid)) if i not in stats_of]
+        stats_of.update((i, t[1:]) for i, t in zip(todo, dask.compute(*tasks), strict=True))
+        if records is not None and len(stats_of) > len(todo):
+            log.info("instances: %d of %d windows reused from an earlier run", len(stats_of) - len(todo),
+                     len(stats_of))
+        stats = [stats_of[i] for i in product(*(range(n) for n in grid))]
     else:
         tasks = list(dask.persist(*tasks))
         stats = dask.compute(*[dask.delayed(operator.itemgetter(1, 2, 3))(t) for t in tasks])
@@ -310,7 +336,7 @@ def segment_instances(
     labels = keys.map_blocks(_lookup, table, dtype=np.uint32, meta=fg._meta.astype(np.uint32))
     report = InstanceReport(
         n_instances=int(table.size),
-        n_chunks=len(tasks),
+        n_chunks=len(stats),
         n_skipped=n_skipped,
         oversized=oversized,
         oversized_chunks=oversized_chunks,
