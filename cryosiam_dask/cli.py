@@ -164,10 +164,10 @@ def instance_predict(
         files = cfg.validate_paths(filename)  # every input checked before anything is written
         logger.debug("%s: %d tomogram(s), settings %s", config_file, len(files), cfg.cryosiam_dask)
 
-        from cryosiam_dask import pipeline
+        from cryosiam_dask._progress import PROGRESS
         from cryosiam_dask.pipeline import instance_predict as run_instance_predict
 
-        pipeline.PROGRESS["on"] = sys.stderr.isatty()
+        PROGRESS["on"] = sys.stderr.isatty()
 
         results = run_instance_predict(cfg, filename=filename)
     logger.info(
