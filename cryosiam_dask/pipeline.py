@@ -26,6 +26,7 @@ import dask.array as da
 import numpy as np
 
 from cryosiam_dask import _resume
+from cryosiam_dask._progress import PROGRESS
 from cryosiam_dask.config import InstanceConfig
 from cryosiam_dask.errors import CryoSiamDaskError, InputFileError, NotSupportedError, OutputError
 
@@ -143,8 +144,6 @@ def _compute(*objs: Any) -> tuple[Any, ...]:
     return tuple(client.gather(futures))
 
 
-PROGRESS = {"on": False}
-"""Set ``PROGRESS["on"] = True`` for progress bars (the CLI does; notebooks use the dashboard)."""
 
 
 def _check_writable(folder: Path) -> None:
@@ -368,6 +367,11 @@ def _segment(config: InstanceConfig, jobs: list[_Job]) -> None:
         markers = job.instance_markers
         todo = [i for i in np.ndindex(*labels.numblocks) if not markers.done(i)]
         job.result.report["label_chunks_computed"] = len(todo)
+        n_all = int(np.prod(labels.numblocks))
+        if len(todo) < n_all:
+            logger.info(
+                "%s: labels: %d of %d chunks done in an earlier run", job.stem, n_all - len(todo), n_all
+            )
         writes += _chunk_writes([labels], [target], markers, todo)
         job.labels = da.from_zarr(target, chunks=labels.chunks)
         job.result.report.update(_report_dict(report))
