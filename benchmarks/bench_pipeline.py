@@ -112,8 +112,7 @@ def run_original(config_path: Path) -> dict[str, Any]:
 
 def run_ours(config_path: Path, *, tiling: str, workers: int, chunks: list[int]) -> dict[str, Any]:
     """cryosiam_dask on a LocalCluster of ``workers`` processes (started before the clock)."""
-    from distributed import Client, LocalCluster
-
+    from cryosiam_dask.cluster import plan_cluster, start_client
     from cryosiam_dask.config import load_config
     from cryosiam_dask.pipeline import instance_predict
 
@@ -122,10 +121,8 @@ def run_ours(config_path: Path, *, tiling: str, workers: int, chunks: list[int])
         config_path,
         {"tiling": tiling, "chunk_size": tuple(chunks), "device": "cpu", "output_formats": ["cryosiam"]},
     )
-    with (
-        LocalCluster(n_workers=workers, threads_per_worker=threads, dashboard_address=None) as cluster,
-        Client(cluster) as client,
-    ):
+    plan = plan_cluster(device="cpu", n_workers=workers, threads_per_worker=threads, dashboard_address=None)
+    with start_client(plan) as client:
         client.run(lambda: None)
         t0 = time.perf_counter()
         res = instance_predict(cfg, client=client)
