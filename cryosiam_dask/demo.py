@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -45,36 +46,23 @@ def match_instances(truth: np.ndarray, found: np.ndarray, *, iou: float = 0.5) -
     return int(np.sum(inter / union >= iou))
 
 
-def write_demo_inputs(folder: Path, *, shape: tuple[int, int, int] = (64, 128, 128), seed: int = 0) -> Path:
-    """Write the demo's tomogram, mask, checkpoint and config under ``folder``; return the config path."""
-    from cryosiam_dask.synthetic import make_tomogram, write_checkpoint, write_mask_h5, write_mrc
-
-    folder = Path(folder)
-    for sub in ("data", "lamella", "model", "predictions"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    z = shape[0]
-    synth = make_tomogram(
-        shape,
-        n_particles=max(4, int(np.prod(shape) / 25000)),
-        radii=(5, 8),
-        seed=seed,
-        lamella=(z // 8, z - z // 8),
-    )
-    write_mrc(folder / "data" / f"{DEMO_STEM}.mrc", synth.tomogram, voxel_size=10.0)
-    write_mask_h5(folder / "lamella" / f"{DEMO_STEM}_preds.h5", synth.mask)
-    np.save(folder / "ground_truth_labels.npy", synth.labels * (synth.mask > 0))
-    write_checkpoint(
-        folder / "model" / "cryosiam_instance_demo.ckpt", arch="tiny", patch_size=32, engineered=True
-    )
-    config = {
+def demo_config(
+    folder: Path,
+    checkpoint: Path,
+    *,
+    save_raw_predictions: bool = True,
+    chunk_size: tuple[int, int, int] = (32, 64, 64),
+) -> dict[str, Any]:
+    """A CryoSiam instance config (plus a ``cryosiam_dask`` section) for the demo layout under ``folder``."""
+    return {
         "data_folder": str(folder / "data"),
         "mask_folder": str(folder / "lamella"),
         "log_dir": str(folder),
         "prediction_folder": str(folder / "predictions"),
-        "trained_model": str(folder / "model" / "cryosiam_instance_demo.ckpt"),
+        "trained_model": str(checkpoint),
         "file_extension": ".mrc",
         "test_files": None,
-        "save_raw_predictions": True,
+        "save_raw_predictions": save_raw_predictions,
         "parameters": {
             "gpu_devices": 1,
             "data": {"patch_size": [32, 32, 32], "min": 0, "max": 1, "mean": 0, "std": 1},
@@ -90,8 +78,47 @@ def write_demo_inputs(folder: Path, *, shape: tuple[int, int, int] = (64, 128, 1
             },
         },
         "hyper_parameters": {"batch_size": 2},
-        "cryosiam_dask": {"chunk_size": [32, 64, 64]},
+        "cryosiam_dask": {"chunk_size": list(chunk_size)},
     }
+
+
+def write_demo_inputs(
+    folder: Path,
+    *,
+    shape: tuple[int, int, int] = (64, 128, 128),
+    seed: int = 0,
+    stem: str = DEMO_STEM,
+    arch: str | dict = "tiny",
+    patch_size: int = 32,
+    save_raw_predictions: bool = True,
+) -> Path:
+    """Write a synthetic tomogram, lamella mask, checkpoint and config under ``folder``; return the config.
+
+    Layout: ``data/<stem>.mrc``, ``lamella/<stem>_preds.h5``, ``model/<arch>.ckpt`` (engineered weights for
+    the tiny architecture, random ones otherwise), ``ground_truth_labels.npy`` (inside the lamella) and
+    ``config_instance.yaml``.
+    """
+    from cryosiam_dask.synthetic import make_tomogram, write_checkpoint, write_mask_h5, write_mrc
+
+    folder = Path(folder)
+    for sub in ("data", "lamella", "model", "predictions"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    z = shape[0]
+    synth = make_tomogram(
+        shape,
+        n_particles=max(4, int(np.prod(shape) / 25000)),
+        radii=(5, 8),
+        seed=seed,
+        lamella=(z // 8, z - z // 8),
+    )
+    write_mrc(folder / "data" / f"{stem}.mrc", synth.tomogram, voxel_size=10.0)
+    write_mask_h5(folder / "lamella" / f"{stem}_preds.h5", synth.mask)
+    np.save(folder / "ground_truth_labels.npy", synth.labels * (synth.mask > 0))
+    name = arch if isinstance(arch, str) else "custom"
+    checkpoint = folder / "model" / f"cryosiam_instance_{name}.ckpt"
+    if not checkpoint.exists():
+        write_checkpoint(checkpoint, arch=arch, patch_size=patch_size, engineered=arch != "real")
+    config = demo_config(folder, checkpoint, save_raw_predictions=save_raw_predictions)
     path = folder / "config_instance.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
