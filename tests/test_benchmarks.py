@@ -1,0 +1,22 @@
+"""The pipeline benchmark runs end to end at a tiny size (a smoke test: no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_pipeline_smoke(tmp_path, capsys):
+    from benchmarks.bench_pipeline import main
+
+    main(["--shape", "24", "48", "48", "--chunks", "24", "48", "48", "--scales", "1", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "| original |" in printed and "cryosiam_dask exact x2" in printed
+    results = json.loads((tmp_path / "bench_pipeline_tiny.json").read_text())["results"]
+    names = [r.get("name") for r in results if "name" in r]
+    assert names[0] == "original" and len(names) == 5
+    counts = {r["n_instances"] for r in results}
+    assert len(counts) == 1  # every implementation found the same number of instances on the same case
+    assert all(r["peak_rss_MiB"] > 0 and r["compute_s"] > 0 for r in results)
