@@ -8,6 +8,13 @@ Stages (each materialised to zarr in ``work_dir`` so no stage is computed twice 
 4. outputs: CryoSiam's h5 + csv, raw maps, OME-Zarr, MRC, STAR (``cryosiam_dask.output_formats``).
 
 The tasks of all tomograms of a stage are computed together, so workers stay busy across files.
+
+Reliability (:mod:`cryosiam_dask._resume`): the maps and instance stores are named by a hash of what they
+depend on (source size+mtime, checkpoint size+mtime, mask files, normalisation, tiling, chunking, batch size,
+amp; post-processing keys and halo), and every chunk task writes whole zarr chunks and then a done marker, so
+a killed run started again recomputes only unfinished chunks (and a lost worker's tasks rewrite the same
+bytes); outputs are rewritten atomically. Each output stem is locked (``.<stem>.cryosiam_dask.lock``) against
+a concurrent run. Tomograms with NaN/inf voxels are refused (count and file named), not repaired.
 """
 
 from __future__ import annotations
@@ -142,8 +149,6 @@ def _compute(*objs: Any) -> tuple[Any, ...]:
     progress(futures)
     print(file=sys.stderr)
     return tuple(client.gather(futures))
-
-
 
 
 def _check_writable(folder: Path) -> None:

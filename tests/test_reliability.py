@@ -252,6 +252,7 @@ def _write_case(tmp: Path, volumes: dict[str, np.ndarray], mask: np.ndarray | No
     return cfg
 
 
+@pytest.mark.filterwarnings("ignore:Data array contains NaN")
 def test_nan_voxels_refused_with_count(tmp_path, client):
     _case(tmp_path)
     volume = _tomogram(tmp_path)
