@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cryosiam_dask.inference as inf
+from cryosiam_dask import tiling as tl
 from cryosiam_dask.errors import ConfigError, InputFileError
 
 logger = logging.getLogger(__name__)
@@ -106,11 +107,11 @@ def test_volume_stats_is_population_std_of_scaled_volume():
 # --------------------------------------------------------------------------- the original's tiling
 @pytest.mark.parametrize(("size", "patch"), [(40, 32), (61, 32), (44, 32), (32, 32), (160, 64)])
 def test_kept_ranges_cover_and_match_readme(size, patch):
-    owned = inf._owned_ranges(size, patch)
+    owned = tl._owned_ranges(size, patch)
     covered = np.concatenate([np.arange(lo, hi) for _, lo, hi in owned])
     np.testing.assert_array_equal(covered, np.arange(size))
     if (size, patch) == (61, 32):  # golden README: y keeps [0,24) [24,40) [40,61) [56,61), the last one wins
-        assert inf.kept_ranges(61, 32) == [(0, 0, 24), (16, 24, 40), (32, 40, 61), (48, 56, 61)]
+        assert tl.kept_ranges(61, 32) == [(0, 0, 24), (16, 24, 40), (32, 40, 61), (48, 56, 61)]
         assert owned[-2:] == [(32, 40, 56), (48, 56, 61)]
 
 
