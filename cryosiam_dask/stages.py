@@ -167,7 +167,8 @@ def _warn_range(job: _Job, lo: float, hi: float, data_min: float, data_max: floa
 
 def _open_inputs(config: InstanceConfig, jobs: list[_Job]) -> None:
     """Open (convert) every tomogram and mask; refuse NaN/inf voxels, warn on constant or mis-scaled input."""
-    from cryosiam_dask.io import open_tomogram, read_mask
+    from cryosiam_dask.io import open_tomogram
+    from cryosiam_dask.masks import read_mask
 
     s = config.cryosiam_dask
     d = config.parameters.data
