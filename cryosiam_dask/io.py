@@ -32,8 +32,6 @@ __all__ = [
     "Tomogram",
     "check_tomogram",
     "open_tomogram",
-    "read_mask",
-    "resize_mask",
     "stem_of",
     "tomogram_to_zarr",
     "voxel_size_of",
@@ -457,4 +455,12 @@ def open_tomogram(
     return Tomogram(data, info.voxel_size, info.origin, path, stem, zarr_path)
 
 
-from cryosiam_dask.masks import read_mask, resize_mask  # noqa: E402  (re-exported: the mask readers)
+
+def __getattr__(name: str) -> object:
+    """``io.read_mask`` / ``io.resize_mask`` live in :mod:`cryosiam_dask.masks` (imported on first use: masks
+    imports this module, so a module-level import here would be circular)."""
+    if name in ("read_mask", "resize_mask"):
+        from cryosiam_dask import masks
+
+        return getattr(masks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
