@@ -201,7 +201,7 @@ class _StageMarks(logging.Handler):
         self.marks: dict[str, dict[int, int]] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg.startswith("stage "):
+        if isinstance(record.msg, str) and record.msg.startswith("stage ") and record.args:
             self.mem._sample()
             self.marks[str(record.args[0])] = dict(self.mem.per_process)
 
@@ -224,7 +224,7 @@ def run_once(
     from cryosiam_dask.pipeline import instance_predict
 
     cfg = load_config(config_path)
-    pipeline_log = logging.getLogger("cryosiam_dask.pipeline")
+    pipeline_log = logging.getLogger("cryosiam_dask")  # the "stage ..." records of the stages module
     with PeakRSS(interval=interval) as mem:
         marks = _StageMarks(mem)
         pipeline_log.addHandler(marks)

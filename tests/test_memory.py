@@ -1,0 +1,78 @@
+"""Bounded memory: a worker's peak RSS depends on the chunk size, not on the tomogram.
+
+The whole ``instance_predict`` runs on a one-process LocalCluster for a tomogram of 2 chunks (x1) and of 8
+chunks (x4) at the same chunk size; the worker's peak RSS may grow by at most a small fixed slack plus a
+fraction of the extra volume's float32 bytes. A stage that gathered a volume-sized array in a worker (maps,
+keys, labels: 4-12 bytes per voxel) breaks the bound; so does making the chunk the whole volume, which the
+second test checks, so that the first can fail.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("distributed")
+
+SLACK_MIB = 24.0
+"""Run-to-run noise of a worker's peak RSS (allocator, task bookkeeping) allowed on top of the fraction."""
+FRACTION = 0.5
+"""Of the extra volume's float32 bytes: a worker holding even half a float32 copy of the volume fails."""
+X1 = (32, 64, 128)
+X4 = (32, 128, 256)
+CHUNKS = (32, 64, 64)
+
+
+def _run_case(folder: Path, shape: tuple[int, int, int], chunks: tuple[int, int, int]) -> dict:
+    """One whole ``instance_predict`` in a fresh subprocess (its own LocalCluster of 1 worker process)."""
+    from benchmarks.bench_memory import _spawn
+
+    spec = {
+        "name": str(shape),
+        "folder": str(folder),
+        "shape": list(shape),
+        "chunks": list(chunks),
+        "halo": 12,
+        "arch": "small",
+        "workers": 1,
+        "threads": 1,
+        "memory_limit": "4GB",
+        "output_formats": ["cryosiam"],
+        "patch_size": 16,
+    }
+    return _spawn(spec)
+
+
+def _allowed_mib() -> float:
+    extra_mib = 4 * (X4[0] * X4[1] * X4[2] - X1[0] * X1[1] * X1[2]) / 2**20
+    return SLACK_MIB + FRACTION * extra_mib
+
+
+@pytest.fixture(scope="module")
+def x1_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The x1 tomogram (2 chunks) at ``CHUNKS``, run once for both tests."""
+    return _run_case(tmp_path_factory.mktemp("x1"), X1, CHUNKS)
+
+
+@pytest.mark.slow
+def test_worker_peak_rss_does_not_grow_with_the_tomogram(tmp_path: Path, x1_run: dict) -> None:
+    r4 = _run_case(tmp_path, X4, CHUNKS)
+    assert x1_run["n_instances"] > 0 and r4["n_instances"] > x1_run["n_instances"]
+    growth = r4["peak_worker_MiB"] - x1_run["peak_worker_MiB"]
+    assert growth < _allowed_mib(), (
+        f"worker peak grew by {growth:.1f} MiB from {X1} to {X4} at chunks {CHUNKS} (allowed "
+        f"{_allowed_mib():.1f}); per stage x1 {x1_run['peak_after_stage_MiB']}, "
+        f"x4 {r4['peak_after_stage_MiB']}"
+    )
+
+
+@pytest.mark.slow
+def test_bound_fails_when_the_chunk_is_the_whole_tomogram(tmp_path: Path, x1_run: dict) -> None:
+    """The same bound, x4 with chunk = whole volume: the worker's peak follows the volume and breaks it."""
+    r4 = _run_case(tmp_path, X4, X4)
+    growth = r4["peak_worker_MiB"] - x1_run["peak_worker_MiB"]
+    assert growth > _allowed_mib(), (
+        f"chunk = volume: growth {growth:.1f} MiB should exceed {_allowed_mib():.1f}"
+    )
