@@ -313,12 +313,17 @@ def _copy_slabs(info: MrcInfo, arr: zarr.Array, slab: int) -> None:
                 for z0 in range(0, nz, slab):
                     arr[z0 : z0 + slab] = np.asarray(data[z0 : z0 + slab], dtype=info.dtype)
             return
+        rows = arr.chunks[1]  # a slab is tiled along y too: memory follows the chunk, not the plane size
         for z0 in range(0, nz, slab):
             with mrcfile.mmap(info.path, mode="r", permissive=True) as mrc:
                 data = _checked_data(info, mrc.data)
-                block = data[z0 : z0 + slab]  # zarr copies chunk by chunk from the mapping
-                arr[z0 : z0 + slab] = block if block.dtype == info.dtype else block.astype(info.dtype)
-                del data, block
+                for y0 in range(0, info.shape[1], rows):
+                    block = data[z0 : z0 + slab, y0 : y0 + rows]
+                    arr[z0 : z0 + slab, y0 : y0 + rows] = (
+                        block if block.dtype == info.dtype else block.astype(info.dtype)
+                    )
+                    del block
+                del data
 
 
 def _checked_data(info: MrcInfo, data: np.ndarray | None) -> np.ndarray:
