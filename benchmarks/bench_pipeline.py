@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -94,6 +95,7 @@ def run_ours(config_path: Path, *, tiling: str, workers: int, chunks: list[int])
         config_path,
         {"tiling": tiling, "chunk_size": tuple(chunks), "device": "cpu", "output_formats": ["cryosiam"]},
     )
+    shutil.rmtree(cfg.prediction_folder, ignore_errors=True)  # no resume: every run computes everything
     plan = plan_cluster(device="cpu", n_workers=workers, threads_per_worker=threads, dashboard_address=None)
     with start_client(plan) as client:
         client.run(lambda: None)
