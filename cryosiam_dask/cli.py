@@ -137,6 +137,12 @@ def instance_predict(
     amp: Annotated[
         str | None, typer.Option("--amp", help="bf16 | fp16 mixed precision (default off: float32).")
     ] = None,
+    fast_window: Annotated[
+        int | None, typer.Option("--fast-window", help="fast tiling: network window edge (default 2x patch).")
+    ] = None,
+    fast_margin: Annotated[
+        int | None, typer.Option("--fast-margin", help="fast tiling: context voxels (default patch/4).")
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Instance segmentation of every tomogram in the config (CryoSiam's instance_predict, same outputs).
@@ -156,6 +162,8 @@ def instance_predict(
         "work_dir": work_dir,
         "output_formats": _formats(formats),
         "amp": amp,
+        "fast_window": fast_window,
+        "fast_margin": fast_margin,
     }
     with _user_errors():
         from cryosiam_dask.config import load_config

@@ -410,8 +410,11 @@ def predict_maps(
     default_margin, default_window = fast_defaults(max(patch))
     margin = default_margin if margin is None else margin
     window = default_window if window is None else window
-    if tiling == "fast" and (margin < 0 or window <= 2 * margin):
-        raise ConfigError(f"fast tiling needs 0 <= margin < window/2, got margin {margin}, window {window}")
+    if tiling == "fast" and (margin < 0 or window <= 2 * margin or window % STRIDE):
+        raise ConfigError(
+            f"cryosiam_dask.fast_window/fast_margin: need 0 <= margin < window/2 and a window that is a "
+            f"multiple of {STRIDE}, got margin {margin}, window {window}"
+        )
     shape = tuple(int(n) for n in tomogram.shape)
     size = tuple(max(n, p) for n, p in zip(shape, patch, strict=True))
     edges = [np.cumsum((0,) + tuple(c)).tolist() for c in tomogram.chunks]

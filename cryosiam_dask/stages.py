@@ -86,6 +86,7 @@ def _fingerprint(config: InstanceConfig, job: _Job) -> dict[str, Any]:
     }
     if s.tiling == "fast":
         fp["chunk_size"] = list(s.chunk_size)
+        fp["fast"] = [s.fast_window, s.fast_margin]
     return fp
 
 
@@ -260,6 +261,8 @@ def _predict_maps(config: InstanceConfig, jobs: list[_Job], device: str) -> None
             mask=job.mask,
             device=device,
             amp=s.amp,
+            margin=s.fast_margin,
+            window=s.fast_window,
         )
         writes += _chunk_writes(maps, targets, markers, todo)
     if writes:

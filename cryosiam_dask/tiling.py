@@ -35,8 +35,10 @@ STRIDE = 8
 def fast_defaults(patch: int) -> tuple[int, int]:
     """Default ``(margin, window)`` of the ``fast`` tiling for a patch edge `patch`.
 
-    margin = p/4 rounded up to a multiple of 8 (the original's smallest context); window = 2p, at most 160
-    (a 160³ window of the real architecture holds about 1 GB per 64-channel float32 tensor).
+    margin = p/4 rounded up to a multiple of 8 (the original's smallest context); window = 2p, at least 128
+    and at most 192 (a 192³ window of the real architecture holds about 1.8 GB per 64-channel float32 tensor).
+    Window 128 instead of 64 (p = 32, tiny network, 64×128×128 chunk, warm worker) cut the maps stage from
+    3.3 s to 1.7 s at the same margin: fewer, larger windows recompute less of their margins.
 
     Measured on 2 shared CPU cores (sync scheduler, torch 2 threads), golden checkpoint (p = 32), against
     ``exact``: max/mean abs difference of foreground, distance, boundary; wall time, whole-volume original in
@@ -58,7 +60,7 @@ def fast_defaults(patch: int) -> tuple[int, int]:
     architecture, 64³, p = 64, chunks 64×64×32, 2 workers: fast 20 s vs whole 61 s, exact 90 s).
     """
     margin = -(-patch // 4 // STRIDE) * STRIDE
-    return margin, max(min(2 * patch, 160), 2 * margin + STRIDE)
+    return margin, max(min(max(2 * patch, 128), 192), 2 * margin + STRIDE)
 
 
 Plan = tuple[tuple[int, int, list[tuple[int, int, int, int]]], ...]
