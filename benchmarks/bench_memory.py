@@ -138,6 +138,7 @@ def make_case(
     """Write tomogram, mask, checkpoint and config for ``shape`` in ``folder``; return (config, particles)."""
     import yaml
 
+    from cryosiam_dask.demo import demo_config
     from cryosiam_dask.synthetic import write_checkpoint
 
     for sub in ("data", "lamella", "model"):
@@ -146,36 +147,11 @@ def make_case(
     write_mask_chunked(folder / "lamella" / f"{STEM}_preds.h5", shape, chunks=chunks)
     ckpt = folder / "model" / f"{arch}.ckpt"
     write_checkpoint(ckpt, arch=ARCHS[arch], patch_size=patch_size, engineered=True)
-    cfg = {
-        "data_folder": str(folder / "data"),
-        "mask_folder": str(folder / "lamella"),
-        "log_dir": str(folder),
-        "prediction_folder": str(folder / "out"),
-        "trained_model": str(ckpt),
-        "file_extension": ".mrc",
-        "test_files": None,
-        "save_raw_predictions": False,
-        "parameters": {
-            "data": {"min": 0, "max": 1, "mean": 0, "std": 1},
-            "network": {
-                "threshold_foreground": 0.5,
-                "boundary_bias": 0.8,
-                "min_center_distance": 1,
-                "max_center_distance": 4,
-                "distance_type": 1,
-                "postprocessing": False,
-            },
-        },
-        "hyper_parameters": {"batch_size": 2},
-        "cryosiam_dask": {
-            "chunk_size": list(chunks),
-            "halo": halo,
-            "tiling": "fast",
-            "device": "cpu",
-            "output_formats": output_formats,
-            "work_dir": str(folder / "work"),
-        },
-    }
+    cfg = demo_config(folder, ckpt, save_raw_predictions=False, chunk_size=tuple(chunks))
+    cfg["prediction_folder"] = str(folder / "out")
+    cfg["cryosiam_dask"].update(
+        halo=halo, tiling="fast", device="cpu", output_formats=output_formats, work_dir=str(folder / "work")
+    )
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path, n_particles
