@@ -120,7 +120,7 @@ class DaskSettings(_Model):
     halo: Annotated[int, Strict(), Field(ge=0)] = 32
     """Voxels of context around each chunk for the instance step, default 32: whole particles fit in it."""
     tiling: Literal["fast", "exact"] = "fast"
-    """'fast' (default): each voxel computed about once; 'exact': CryoSiam's 50 %-overlap tiling, bitwise."""
+    """'fast' (default): big windows, each voxel computed 1.5-3.4x (not ~8x); 'exact': CryoSiam's tiling."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (default): CUDA when torch sees a GPU, else CPU."""
     scheduler_address: str | None = None
