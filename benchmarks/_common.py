@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -95,3 +97,16 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def spawn_one(module: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run ``python -m <module> --one <spec as JSON>`` in a fresh process and return the JSON it prints last.
+
+    Each configuration gets its own process so that its peak RSS is not polluted by earlier runs.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--one", json.dumps(spec)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -26,15 +26,13 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks._common import PeakRSS, table, write_results
+from benchmarks._common import PeakRSS, spawn_one, table, write_results
 
 logger = logging.getLogger("benchmarks.bench_memory")
 
@@ -243,15 +241,7 @@ def run_once(
 
 
 def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_memory", "--one", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{spec['name']} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return spawn_one("benchmarks.bench_memory", spec)
 
 
 def _one(spec: dict[str, Any]) -> dict[str, Any]:

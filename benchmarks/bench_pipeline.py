@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks._common import PeakRSS, table, write_results
+from benchmarks._common import PeakRSS, spawn_one, table, write_results
 
 
 def make_case(folder: Path, shape: tuple[int, int, int], arch: str, seed: int = 0) -> Path:
@@ -124,15 +122,7 @@ def one(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_pipeline", "--one", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{spec} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return spawn_one("benchmarks.bench_pipeline", spec)
 
 
 def main(argv: list[str] | None = None) -> None:
