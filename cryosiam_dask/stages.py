@@ -19,7 +19,6 @@ a concurrent run. Tomograms with NaN/inf voxels are refused (count and file name
 
 from __future__ import annotations
 
-import errno
 import logging
 import sys
 import time
@@ -451,12 +450,14 @@ def _write_outputs(config: InstanceConfig, jobs: list[_Job]) -> None:
 
 
 def _output_error(e: OSError, where: Path) -> OutputError:
-    """One line for an OSError while writing: disk full, not permitted, or the error's own text."""
+    """One line for an OSError while writing a stage's store: the writers' classification (disk full, not
+    permitted), with the hint that a rerun resumes; any other error with its own text."""
+    from cryosiam_dask._output_common import _as_output_error
+
+    known = _as_output_error(e, where)
+    if known is not None:
+        return OutputError(f"{known}; free space or fix permissions and run again (it resumes)")
     text = e.strerror or str(e) or type(e).__name__
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return OutputError(f"disk full while writing {where} ({text}); free space and run again (it resumes)")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return OutputError(f"cannot write {where} ({text})")
     return OutputError(f"writing {where} failed ({type(e).__name__}: {text})")
 
 
