@@ -16,8 +16,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("distributed")
 
-SLACK_MIB = 24.0
-"""Run-to-run noise of a worker's peak RSS (allocator, task bookkeeping) allowed on top of the fraction."""
+SLACK_MIB = 40.0
+"""Run-to-run noise of a worker's peak RSS (allocator, task bookkeeping) allowed on top of the fraction.
+
+Measured growth x1 -> x4 with bounded chunks: +11 MiB and +26 MiB in two runs (the second broke an earlier
+24 MiB slack in a CI run); with the chunk = whole volume: +75 MiB, which this slack still rejects."""
 FRACTION = 0.5
 """Of the extra volume's float32 bytes: a worker holding even half a float32 copy of the volume fails."""
 X1 = (32, 64, 128)
