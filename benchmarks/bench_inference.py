@@ -38,7 +38,7 @@ def setup(
     shape: tuple[int, int, int], arch: str, patch: int | None, folder: Path, engineered: bool
 ) -> tuple[np.ndarray, Path, int]:
     """Synthetic tomogram (float32, [0, 1]), a CryoSiam-layout checkpoint of `arch`, and its patch edge."""
-    from cryosiam_dask.synthetic import make_tomogram, write_checkpoint
+    from cryosiam_dask.testing.synthetic import make_tomogram, write_checkpoint
 
     n = max(4, int(np.prod(shape) / 20000))
     volume = make_tomogram(shape, n_particles=n, radii=(4, 7), seed=0).tomogram.astype(np.float32)
@@ -53,16 +53,17 @@ def time_whole(volume: np.ndarray, ckpt: Path, batch_size: int) -> tuple[dict[st
     """(a) the original's tiling in this process; warm-up on one patch first."""
     import torch
 
-    from cryosiam_dask import inference as inf
-    from cryosiam_dask.model import build_model, load_checkpoint, patch_size_of
+    from cryosiam_dask.network import normalize, reference, runtime
+    from cryosiam_dask.network.checkpoint import load_checkpoint, patch_size_of
+    from cryosiam_dask.network.model import build_model
 
     c = load_checkpoint(ckpt)
     model, patch = build_model(c), patch_size_of(c)
-    inf.run_network(model, np.zeros((1, *patch), np.float32))
-    norm = inf.normalize_block(volume, a_min=0, a_max=1, mean=0, std=1)
+    runtime.run_network(model, np.zeros((1, *patch), np.float32))
+    norm = normalize.normalize_block(volume, a_min=0, a_max=1, mean=0, std=1)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        maps = inf.predict_whole(norm, model, patch_size=patch, batch_size=batch_size)
+        maps = reference.predict_whole(norm, model, patch_size=patch, batch_size=batch_size)
         wall = time.perf_counter() - t0
     return {"run": "whole (original)", "wall_s": wall, "peak_rss_GiB": mem.peak / 2**30,
             "torch_threads": torch.get_num_threads()}, maps
@@ -70,11 +71,10 @@ def time_whole(volume: np.ndarray, ckpt: Path, batch_size: int) -> tuple[dict[st
 
 def time_chunked(client, tomogram, ckpt: Path, tiling: str, batch_size: int, **kw: Any) -> tuple[dict, list]:
     """(b)/(c) one chunked tiling on the cluster (the network is already loaded in every worker)."""
-    from cryosiam_dask import inference as inf
-
+    from cryosiam_dask.network import predict
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        lazy = inf.predict_maps(tomogram, ckpt, tiling=tiling, batch_size=batch_size, **kw)
+        lazy = predict.predict_maps(tomogram, ckpt, tiling=tiling, batch_size=batch_size, **kw)
         maps = client.compute(list(lazy), sync=True)
         wall = time.perf_counter() - t0
     return {"run": f"chunked {tiling}", "wall_s": wall, "peak_rss_GiB": mem.peak / 2**30}, maps
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     import dask.array as da
     from distributed import Client, LocalCluster
 
-    from cryosiam_dask import inference as inf
-
+    from cryosiam_dask.network import runtime
+    from cryosiam_dask.network import tiling as tl
     shape = tuple(args.shape)
     chunks = tuple(args.chunks) * 3 if len(args.chunks) == 1 else tuple(args.chunks)
     patch = args.patch
@@ -122,11 +122,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None
         ) as cluster, Client(cluster) as client:
             tomogram = client.persist(da.from_array(volume, chunks=chunks))
-            client.run(inf.get_network, str(ckpt))  # warm-up: load the network once in every worker
+            client.run(runtime.get_network, str(ckpt))  # warm-up: load the network once in every worker
             exact, exact_maps = time_chunked(client, tomogram, ckpt, "exact", args.batch_size)
             fast, fast_maps = time_chunked(client, tomogram, ckpt, "fast", args.batch_size,
                                            margin=args.margin, window=args.window)
-        evals, distinct = inf.exact_patch_evaluations(shape, tomogram.chunks, (patch,) * 3)
+        evals, distinct = tl.exact_patch_evaluations(shape, tomogram.chunks, (patch,) * 3)
         exact["patch_evaluations"] = f"{evals} ({distinct} distinct)"
         for name, e, w, f in zip(MAPS, exact_maps, ref, fast_maps, strict=True):
             exact[f"{name}_vs_whole_max"] = float(np.abs(e - w).max())

@@ -21,7 +21,7 @@ import numpy as np
 
 from benchmarks._common import PeakRSS, table, write_results
 
-PARAMS = dict(threshold_min=1, threshold_max=4, assignment_threshold=0.65, distance_type=1)
+PARAMS = dict(min_center_distance=1, max_center_distance=4, threshold_foreground=0.65, distance_type=1)
 
 
 def setup(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +47,7 @@ def setup(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.nd
 
 
 def time_reference(fg: np.ndarray, dist: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
-    from cryosiam_dask.instances import instance_segmentation
+    from cryosiam_dask.instances.reference import instance_segmentation
 
     instance_segmentation(fg[:16, :16, :16], dist[:16, :16, :16], **PARAMS)  # warm-up
     with PeakRSS() as mem:
@@ -63,7 +63,7 @@ def time_chunked(
     import dask.array as da
     from distributed import Client, LocalCluster
 
-    from cryosiam_dask.merge import segment_instances
+    from cryosiam_dask.instances.merge import segment_instances
 
     with (
         LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cl,

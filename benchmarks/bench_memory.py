@@ -87,7 +87,7 @@ def write_particle_mrc(
     """
     import mrcfile
 
-    from cryosiam_dask.synthetic import make_tomogram
+    from cryosiam_dask.testing.synthetic import make_tomogram
 
     total = 0
     with mrcfile.new_mmap(path, shape=shape, mrc_mode=2, overwrite=True) as mrc:
@@ -137,7 +137,7 @@ def make_case(
     import yaml
 
     from cryosiam_dask.demo import demo_config
-    from cryosiam_dask.synthetic import write_checkpoint
+    from cryosiam_dask.testing.synthetic import write_checkpoint
 
     for sub in ("data", "lamella", "model"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -195,7 +195,7 @@ def run_once(
     from distributed import Client, LocalCluster
 
     from cryosiam_dask.config import load_config
-    from cryosiam_dask.pipeline import instance_predict
+    from cryosiam_dask.run.driver import instance_predict
 
     cfg = load_config(config_path)
     pipeline_log = logging.getLogger("cryosiam_dask")  # the "stage ..." records of the stages module

@@ -48,9 +48,11 @@ def run_original(config_path: Path) -> dict[str, Any]:
     import torch
 
     from cryosiam_dask.config import load_config
-    from cryosiam_dask.inference import normalize_block, predict_whole
-    from cryosiam_dask.instances import instance_segmentation
-    from cryosiam_dask.model import build_model, load_checkpoint, patch_size_of
+    from cryosiam_dask.instances.reference import instance_segmentation
+    from cryosiam_dask.network.checkpoint import load_checkpoint, patch_size_of
+    from cryosiam_dask.network.model import build_model
+    from cryosiam_dask.network.normalize import normalize_block
+    from cryosiam_dask.network.reference import predict_whole
 
     t0 = time.perf_counter()
     cfg = load_config(config_path)
@@ -73,10 +75,10 @@ def run_original(config_path: Path) -> dict[str, Any]:
         fg,
         dist,
         bnd,
-        threshold_min=n.min_center_distance,
-        threshold_max=n.max_center_distance,
+        min_center_distance=n.min_center_distance,
+        max_center_distance=n.max_center_distance,
         boundary_bias=n.boundary_bias,
-        assignment_threshold=n.threshold_foreground,
+        threshold_foreground=n.threshold_foreground,
         distance_type=n.distance_type,
     )
     return {"n_instances": int(labels.max()), "compute_s": time.perf_counter() - t0}
@@ -84,9 +86,9 @@ def run_original(config_path: Path) -> dict[str, Any]:
 
 def run_ours(config_path: Path, *, tiling: str, workers: int, chunks: list[int]) -> dict[str, Any]:
     """cryosiam_dask on a LocalCluster of ``workers`` processes (started before the clock)."""
-    from cryosiam_dask.cluster import plan_cluster, start_client
     from cryosiam_dask.config import load_config
-    from cryosiam_dask.pipeline import instance_predict
+    from cryosiam_dask.run.cluster import plan_cluster, start_client
+    from cryosiam_dask.run.driver import instance_predict
 
     threads = max(1, 2 // workers)
     cfg = load_config(

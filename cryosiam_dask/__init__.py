@@ -22,12 +22,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_config": "cryosiam_dask.config",
     "InstanceConfig": "cryosiam_dask.config",
-    "instance_predict": "cryosiam_dask.pipeline",
-    "predict": "cryosiam_dask.pipeline",
-    "segment": "cryosiam_dask.pipeline",
-    "open_tomogram": "cryosiam_dask.io",
-    "tomogram_to_zarr": "cryosiam_dask.io",
-    "region_table": "cryosiam_dask.outputs",
+    "instance_predict": "cryosiam_dask.run.driver",
+    "predict": "cryosiam_dask.api",
+    "segment": "cryosiam_dask.api",
+    "open_tomogram": "cryosiam_dask.io.tomograms",
+    "tomogram_to_zarr": "cryosiam_dask.io.tomograms",
+    "region_table": "cryosiam_dask.outputs.regions",
 }
 
 __all__ = ["__version__", *_LAZY]

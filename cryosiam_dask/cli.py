@@ -1,4 +1,4 @@
-"""The ``cryosiam_dask`` command line: a thin Typer app over :mod:`cryosiam_dask.pipeline`.
+"""The ``cryosiam_dask`` command line: a thin Typer app over :mod:`cryosiam_dask.run.driver`.
 
 Commands keep CryoSiam's spellings (``instance_predict --config_file ... --filename ...``) and add flags
 that override the config's ``cryosiam_dask:`` section. torch, dask and the GPU stack are imported inside the
@@ -172,8 +172,8 @@ def instance_predict(
         files = cfg.validate_paths(filename)  # every input checked before anything is written
         logger.debug("%s: %d tomogram(s), settings %s", config_file, len(files), cfg.cryosiam_dask)
 
-        from cryosiam_dask._progress import PROGRESS
-        from cryosiam_dask.pipeline import instance_predict as run_instance_predict
+        from cryosiam_dask.run.driver import instance_predict as run_instance_predict
+        from cryosiam_dask.run.progress import PROGRESS
 
         PROGRESS["on"] = sys.stderr.isatty()
 
@@ -207,7 +207,7 @@ def convert(
         if not tomogram.is_file():
             raise InputFileError(f"tomogram '{tomogram}' does not exist or is not a file")
 
-        from cryosiam_dask.io import stem_of, tomogram_to_zarr
+        from cryosiam_dask.io.tomograms import stem_of, tomogram_to_zarr
 
         zarr_path = out if out is not None else tomogram.with_name(f"{stem_of(tomogram)}.zarr")
         array = tomogram_to_zarr(tomogram, zarr_path, chunk_size=tuple(chunks))

@@ -98,7 +98,7 @@ def write_demo_inputs(
     the tiny architecture, random ones otherwise), ``ground_truth_labels.npy`` (inside the lamella) and
     ``config_instance.yaml``.
     """
-    from cryosiam_dask.synthetic import make_tomogram, write_checkpoint, write_mask_h5, write_mrc
+    from cryosiam_dask.testing.synthetic import make_tomogram, write_checkpoint, write_mask_h5, write_mrc
 
     folder = Path(folder)
     for sub in ("data", "lamella", "model", "predictions"):
@@ -146,7 +146,7 @@ def run_demo(
     import h5py
 
     from cryosiam_dask.config import load_config
-    from cryosiam_dask.pipeline import instance_predict
+    from cryosiam_dask.run.driver import instance_predict
 
     folder = Path(folder).resolve()
     config_path = write_demo_inputs(folder, shape=shape, seed=seed)

@@ -25,3 +25,21 @@ class OutputError(CryoSiamDaskError, OSError):
 
 class NotSupportedError(CryoSiamDaskError, NotImplementedError):
     """A requested option exists in CryoSiam but is not supported here (the message names the alternative)."""
+
+
+class ParameterError(ConfigError):
+    """A library function got a bad parameter value; ``parameter`` names it (the run layer maps it to a key).
+
+    Parameters
+    ----------
+    parameter : str
+        The function's parameter name (our parameters share the config's leaf names: ``halo``,
+        ``min_center_distance`` ...).
+    problem : str
+        What is wrong, e.g. ``"must be a finite number, got nan"``.
+    """
+
+    def __init__(self, parameter: str, problem: str) -> None:
+        super().__init__(f"{parameter} {problem}")
+        self.parameter = parameter
+        self.problem = problem

@@ -1,9 +1,12 @@
-"""Shared fixtures: the golden CryoSiam outputs and an in-process dask client."""
+"""Shared fixtures: the golden CryoSiam case, a tiny engineered checkpoint, an in-process dask client."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "cryosiam_golden"
@@ -15,6 +18,28 @@ def golden() -> Path:
     if not GOLDEN.is_dir():
         pytest.skip(f"golden fixture folder not found: {GOLDEN}")
     return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden_maps(golden) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CryoSiam's raw maps of the golden case: foreground, distances, boundaries, (40, 61, 44) float32."""
+    with h5py.File(golden / "predictions" / "TS_tiny_preds.h5", "r") as f:
+        return f["foreground"][:], f["distances"][:], f["boundaries"][:]
+
+
+@pytest.fixture(scope="session")
+def golden_settings(golden) -> dict:
+    """``postprocessing/settings.json``: each golden post-processing call, its kwargs and counts."""
+    return json.loads((golden / "postprocessing" / "settings.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny CryoSiam-layout checkpoint (patch 32) with engineered weights that find particles."""
+    from cryosiam_dask.testing.checkpoints import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_engineered.ckpt", arch="tiny",
+                            patch_size=32, engineered=True)
 
 
 @pytest.fixture

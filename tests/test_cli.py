@@ -80,7 +80,7 @@ def fake_module(monkeypatch, name: str, **functions) -> list:
 
 @pytest.fixture
 def pipeline(monkeypatch) -> list:
-    return fake_module(monkeypatch, "cryosiam_dask.pipeline", instance_predict=["result"])
+    return fake_module(monkeypatch, "cryosiam_dask.run.driver", instance_predict=["result"])
 
 
 def assert_one_line_error(result, pattern: str) -> None:
@@ -268,7 +268,7 @@ def test_yaml_error_and_missing_config(tmp_path, pipeline):
 def test_error_raised_by_the_pipeline_is_one_line(config_file, monkeypatch):
     fake_module(
         monkeypatch,
-        "cryosiam_dask.pipeline",
+        "cryosiam_dask.run.driver",
         instance_predict=InputFileError("mask TS_01 is (2, 3, 4)\nbut tomogram is (5, 6, 7)"),
     )
     result = runner.invoke(app, ["instance_predict", "--config_file", str(config_file)])
@@ -276,7 +276,7 @@ def test_error_raised_by_the_pipeline_is_one_line(config_file, monkeypatch):
 
 
 def test_other_exceptions_keep_their_traceback(config_file, monkeypatch):
-    fake_module(monkeypatch, "cryosiam_dask.pipeline", instance_predict=RuntimeError("a bug"))
+    fake_module(monkeypatch, "cryosiam_dask.run.driver", instance_predict=RuntimeError("a bug"))
     result = runner.invoke(app, ["instance_predict", "--config_file", str(config_file)])
     assert result.exit_code == 1
     assert isinstance(result.exception, RuntimeError) and result.exc_info[2] is not None
@@ -310,7 +310,7 @@ def test_debug_flag_sets_log_level(config_file, pipeline):
 def test_convert_calls_io(tmp_path, monkeypatch):
     calls = fake_module(
         monkeypatch,
-        "cryosiam_dask.io",
+        "cryosiam_dask.io.tomograms",
         tomogram_to_zarr=types.SimpleNamespace(shape=(2, 3, 4), chunks=(2, 3, 4), dtype="f4"),
         stem_of=lambda p: Path(p).name.removesuffix(".mrc"),
     )
@@ -332,7 +332,7 @@ def test_convert_calls_io(tmp_path, monkeypatch):
 
 
 def test_convert_errors(tmp_path, monkeypatch):
-    calls = fake_module(monkeypatch, "cryosiam_dask.io", tomogram_to_zarr=None, stem_of=None)
+    calls = fake_module(monkeypatch, "cryosiam_dask.io.tomograms", tomogram_to_zarr=None, stem_of=None)
     assert_one_line_error(
         runner.invoke(app, ["convert", str(tmp_path / "none.mrc")]), r"tomogram '.*none\.mrc' does not exist"
     )
@@ -346,9 +346,9 @@ def test_convert_errors(tmp_path, monkeypatch):
 
 def test_convert_real_mrc(tmp_path):
     """End to end with the real io module (skipped if it is not there yet)."""
-    io = pytest.importorskip("cryosiam_dask.io")
+    io = pytest.importorskip("cryosiam_dask.io.tomograms")
     if not hasattr(io, "tomogram_to_zarr"):
-        pytest.skip("cryosiam_dask.io.tomogram_to_zarr not written yet")
+        pytest.skip("cryosiam_dask.io.tomograms.tomogram_to_zarr not written yet")
     import mrcfile
     import numpy as np
     import zarr

@@ -1,7 +1,8 @@
-"""Every module imports on its own in a fresh interpreter (as a dask worker unpickling a task does).
+"""Import hygiene, checked once for the whole package.
 
-A circular import only shows when the 'wrong' module is imported first; a worker that hits one dies on every
-task, so each module is imported first in its own process here.
+- Every module imports on its own in a fresh interpreter (as a dask worker unpickling a task does): a circular
+  import only shows when the 'wrong' module is imported first, and a worker that hits one dies on every task.
+- ``import cryosiam_dask`` (and the CLI's ``--help``) loads neither torch nor cupy, cucim or dask-cuda.
 """
 
 from __future__ import annotations
@@ -13,12 +14,26 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cryosiam_dask"
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
+MODULES = sorted(
+    ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+    for p in PACKAGE.rglob("*.py")
+    if p.stem != "__main__"
+)
+HEAVY = ("torch", "monai", "cupy", "cucim", "dask_cuda")
 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_module_imports_first(module):
-    proc = subprocess.run(
-        [sys.executable, "-c", f"import cryosiam_dask.{module}"], capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+LIGHT = ["cryosiam_dask", "cryosiam_dask.config", "cryosiam_dask.cli", "cryosiam_dask.io",
+         "cryosiam_dask.outputs", "cryosiam_dask.api", "cryosiam_dask.testing.synthetic"]
+
+
+@pytest.mark.parametrize("module", LIGHT)
+def test_light_modules_load_no_torch_or_gpu_libraries(module):
+    code = f"import sys, {module}; print([m for m in {HEAVY!r} if m in sys.modules])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

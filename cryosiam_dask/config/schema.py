@@ -1,0 +1,310 @@
+"""Pydantic models of CryoSiam's ``instance_predict`` YAML, plus our optional ``cryosiam_dask:`` section.
+
+An unchanged CryoSiam config is valid here. Keys are checked strictly: a misspelt or misplaced key, a missing
+required key or a value of the wrong type raises :class:`~cryosiam_dask.errors.ConfigError` with one line
+naming the file and the dotted key. Keys that other CryoSiam apps keep in the same file (``filtering_*``,
+the dev example's ``instance_labels_folder`` ...) are listed in :data:`IGNORED_KEYS`, accepted and ignored.
+
+Relative paths are taken relative to the current working directory, as in CryoSiam (which passes them to
+``open()``), and stored absolute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    field_validator,
+    model_validator,
+)
+
+from cryosiam_dask._types import DEFAULT_CHUNKS
+from cryosiam_dask.errors import ConfigError, InputFileError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IGNORED_KEYS", "DaskSettings", "InstanceConfig"]
+
+IGNORED_KEYS: frozenset[str] = frozenset({
+    # instance_filter (filtering_instances.py) and the docs' tutorial config
+    "filtering_mask_folder", "filtering_mask_expand_voxels", "filtering_mask_labels",
+    "filtering_mask_extension", "filtering_expand_labels",
+    # apps/dense_simsiam_instance/config_predict.yaml and config_test.yaml (evaluation only)
+    "instance_labels_folder", "eval_skip_prediction",
+})  # fmt: skip
+"""Top-level keys used by other CryoSiam apps in the same file: accepted, logged at debug level, ignored."""
+
+Float = Annotated[float, Strict()]  # accepts int and float, rejects "0.4" and true
+Int = Annotated[int, Strict()]
+PosInt = Annotated[int, Strict(), Field(ge=1)]
+Bool = Annotated[bool, Strict()]
+OutputFormat = Literal["cryosiam", "raw", "ome-zarr", "mrc", "star"]
+
+
+def _abs_path(p: Path) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(p)))
+
+
+AbsPath = Annotated[Path, AfterValidator(_abs_path)]
+
+
+def _empty_to_none(v: Any) -> Any:
+    return None if v == "" else v
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataParameters(_Model):
+    """``parameters.data``: ``clip((x - min) / (max - min), 0, 1)``, then ``(x - mean) / std``."""
+
+    patch_size: Int | list[Int] | None = None
+    """Accepted and ignored, as in CryoSiam: the window size comes from the checkpoint."""
+    min: Float | None
+    max: Float | None
+    mean: Float | None
+    """null: the volume's own mean."""
+    std: Float | None
+    """null: the volume's own (population) standard deviation."""
+
+
+class NetworkParameters(_Model):
+    """``parameters.network``: the post-processing settings (see ``instances.instance_segmentation``)."""
+
+    in_channels: Int | None = None
+    """Ignored (the architecture comes from the checkpoint)."""
+    spatial_dims: Int | None = None
+    """Ignored (always 3)."""
+    threshold_foreground: Float
+    boundary_bias: Float
+    min_center_distance: Float
+    max_center_distance: Float
+    distance_type: Int
+    postprocessing: Bool = True
+    """Multicut step; default True when the key is absent, as in CryoSiam."""
+
+
+class Parameters(_Model):
+    """``parameters``."""
+
+    gpu_devices: Int | list[Int] | None = None
+    """Ignored by CryoSiam (it always uses cuda:0); here, the GPUs the local cluster may use."""
+    data: DataParameters
+    network: NetworkParameters
+
+
+class HyperParameters(_Model):
+    """``hyper_parameters``."""
+
+    batch_size: PosInt
+    """Patches per network call."""
+
+
+class DaskSettings(_Model):
+    """Our optional ``cryosiam_dask:`` section; every field has a default: CryoSiam files need none of it."""
+
+    chunk_size: tuple[PosInt, PosInt, PosInt] = DEFAULT_CHUNKS
+    """(z, y, x) voxels per chunk, default (128, 256, 256): 32 MiB of float32, several network patches."""
+    halo: Annotated[int, Strict(), Field(ge=0)] = 32
+    """Voxels of context around each chunk for the instance step, default 32: whole particles fit in it."""
+    tiling: Literal["fast", "exact"] = "fast"
+    """'fast' (default): big windows, each voxel computed 1.5-3.4x (not ~8x); 'exact': CryoSiam's tiling."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """'auto' (default): CUDA when torch sees a GPU, else CPU."""
+    scheduler_address: str | None = None
+    """Address of an existing dask scheduler; default None starts a local cluster."""
+    n_workers: PosInt | None = None
+    """Local cluster workers; default None: one per GPU, or dask's choice on CPU."""
+    threads_per_worker: PosInt | None = None
+    """Threads per local worker; default None: dask's choice."""
+    memory_limit: str | Int | None = "auto"
+    """Per-worker memory limit ('4GB', bytes, 'auto' (default) = share of the machine, None = no limit)."""
+    dashboard_address: str | None = "127.0.0.1:8787"
+    """Dask dashboard, default '127.0.0.1:8787': localhost only, not exposed to the network; None = off."""
+    work_dir: AbsPath | None = None
+    """Intermediate zarr stores; default None = <prediction_folder>/.cryosiam_dask."""
+    output_formats: Annotated[list[OutputFormat], Field(min_length=1)] = ["cryosiam", "ome-zarr"]
+    """Outputs to write, default ['cryosiam', 'ome-zarr']: CryoSiam's h5 + csv (read by its later steps) and a
+    viewable OME-Zarr. Also 'raw' (the raw maps h5), 'mrc' (labels as MRC) and 'star' (centroids)."""
+    fast_window: PosInt | None = None
+    """'fast' tiling: edge of the network's input windows (multiple of 8); default None = 2x the checkpoint's
+    patch, at least 128, at most 192 (a 192^3 window of the real architecture needs several GB)."""
+    fast_margin: Annotated[int, Strict(), Field(ge=0)] | None = None
+    """'fast' tiling: context voxels kept around each window's output; default None = patch/4 (rounded up to
+    8), the smallest context any kept voxel of CryoSiam's own tiling has."""
+    amp: Literal["bf16", "fp16"] | None = None
+    """Mixed precision for the network; default None = float32, as CryoSiam (needed for its exact maps)."""
+
+    @field_validator("chunk_size", mode="before")
+    @classmethod
+    def _three_values(cls, v: Any) -> Any:
+        if isinstance(v, (list, tuple)) and len(v) != 3:
+            raise ValueError("expected 3 values (z, y, x)")
+        return v
+
+
+class InstanceConfig(_Model):
+    """CryoSiam's ``instance_predict`` config (same keys, same meaning), plus ``cryosiam_dask``."""
+
+    data_folder: AbsPath
+    mask_folder: AbsPath | None = None
+    """Lamella masks ``<stem>_preds.h5['labels']``; '' or null = no mask."""
+    log_dir: AbsPath | None = None
+    prediction_folder: AbsPath
+    trained_model: AbsPath | None = None
+    """Checkpoint; null or absent = ``log_dir/model/model_best.ckpt`` (see :attr:`checkpoint_path`)."""
+    file_extension: str
+    test_files: list[str] | None
+    """File names inside data_folder; null = every file there ending with file_extension."""
+    save_raw_predictions: Bool
+    semantic_predictions: AbsPath | None = None
+    """Folder of ``<stem>_preds.h5['labels']``; if set, fg = isin(labels, semantic_foreground_labels)."""
+    semantic_foreground_labels: list[Int] | None = None
+    parameters: Parameters
+    hyper_parameters: HyperParameters
+    cryosiam_dask: DaskSettings = Field(default_factory=DaskSettings)
+
+    _source: Path | None = PrivateAttr(default=None)
+
+    @field_validator("mask_folder", "trained_model", "semantic_predictions", mode="before")
+    @classmethod
+    def _blank_is_none(cls, v: Any) -> Any:
+        return _empty_to_none(v)
+
+    @field_validator("cryosiam_dask", mode="before")
+    @classmethod
+    def _empty_section(cls, v: Any) -> Any:
+        return {} if v is None else v  # "cryosiam_dask:" with every key commented out
+
+    @field_validator("semantic_foreground_labels", mode="before")
+    @classmethod
+    def _one_label(cls, v: Any) -> Any:
+        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> InstanceConfig:
+        if self.file_extension == "":
+            raise ValueError("'file_extension' must not be empty (e.g. '.mrc')")
+        if self.trained_model is None and self.log_dir is None:
+            raise ValueError(
+                "missing required key 'trained_model' (or 'log_dir', for log_dir/model/model_best.ckpt)"
+            )
+        if self.semantic_predictions is not None and not self.semantic_foreground_labels:
+            raise ValueError(
+                "'semantic_predictions' is set but 'semantic_foreground_labels' is missing or empty"
+            )
+        return self
+
+    @property
+    def source(self) -> Path | None:
+        """The YAML file this config was read from (None when built in code)."""
+        return self._source
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """``trained_model``, or ``log_dir/model/model_best.ckpt`` when it is unset (CryoSiam's fallback)."""
+        if self.trained_model is not None:
+            return self.trained_model
+        if self.log_dir is None:  # only when built with model_construct, which skips _cross_checks
+            raise ConfigError(f"{self._source or 'config'}: neither 'trained_model' nor 'log_dir' is set")
+        return self.log_dir / "model" / "model_best.ckpt"
+
+    @property
+    def work_dir(self) -> Path:
+        """Intermediate stores: ``cryosiam_dask.work_dir``, else ``<prediction_folder>/.cryosiam_dask``."""
+        return self.cryosiam_dask.work_dir or self.prediction_folder / ".cryosiam_dask"
+
+    def stem(self, tomogram: Path | str) -> str:
+        """Output stem of a tomogram: its name cut at ``file_extension``, as CryoSiam does."""
+        return Path(tomogram).name.split(self.file_extension)[0]
+
+    def input_files(self, filename: str | None = None) -> list[Path]:
+        """Tomograms to process, with CryoSiam's rules.
+
+        ``test_files`` (names inside ``data_folder``) when it is a list; when null, every file in
+        ``data_folder`` ending with ``file_extension``, sorted. ``filename`` (the CLI's ``--filename``)
+        replaces the list with one file, given as a name inside ``data_folder`` or as a path.
+
+        Returns
+        -------
+        list of pathlib.Path
+            Absolute paths of existing files, in processing order.
+
+        Raises
+        ------
+        InputFileError
+            ``data_folder`` or a listed file does not exist, or no file in ``data_folder`` has the extension.
+        ConfigError
+            ``test_files`` is empty or names the same tomogram twice.
+        """
+        src = self._source or "config"
+        folder = self.data_folder
+        if filename is not None:
+            for candidate in (folder / filename, _abs_path(Path(filename))):
+                if candidate.is_file():
+                    return [candidate]
+            raise InputFileError(
+                f"--filename '{filename}' does not exist (looked in data_folder '{folder}' "
+                f"and at '{_abs_path(Path(filename))}')"
+            )
+        if not folder.is_dir():
+            raise InputFileError(f"{src}: data_folder '{folder}' does not exist or is not a folder")
+        if self.test_files is None:
+            files = sorted(
+                p for p in folder.iterdir() if p.name.endswith(self.file_extension) and p.is_file()
+            )
+            if not files:
+                raise InputFileError(
+                    f"{src}: no file ending with '{self.file_extension}' in data_folder '{folder}'"
+                )
+            return files
+        if not self.test_files:
+            raise ConfigError(
+                f"{src}: 'test_files' is an empty list (use null for every file in data_folder)"
+            )
+        files, seen = [], {}
+        for name in self.test_files:
+            path = _abs_path(folder / name)
+            if path in seen:
+                raise ConfigError(
+                    f"{src}: 'test_files' lists the same tomogram twice: '{seen[path]}' and '{name}'"
+                )
+            if not path.is_file():
+                raise InputFileError(
+                    f"{src}: test_files entry '{name}' does not exist in data_folder '{folder}'"
+                )
+            seen[path] = name
+            files.append(path)
+        return files
+
+    def validate_paths(self, filename: str | None = None) -> list[Path]:
+        """Check every input path before any work starts: :meth:`input_files`, the checkpoint and the folders.
+
+        Returns the :meth:`input_files` list. Raises :class:`InputFileError` naming the first missing path.
+        """
+        files = self.input_files(filename)
+        ckpt = self.checkpoint_path
+        if not ckpt.is_file():
+            how = (
+                "trained_model"
+                if self.trained_model is not None
+                else "trained_model not set, log_dir default"
+            )
+            raise InputFileError(f"checkpoint '{ckpt}' does not exist ({how})")
+        for key in ("mask_folder", "semantic_predictions"):
+            folder = getattr(self, key)
+            if folder is not None and not folder.is_dir():
+                raise InputFileError(
+                    f"{self._source or 'config'}: {key} '{folder}' does not exist or is not a folder"
+                )
+        return files

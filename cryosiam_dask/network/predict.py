@@ -1,0 +1,248 @@
+"""The network over a chunked tomogram: one dask task per output chunk, ``exact`` or ``fast`` tiling.
+
+For every output chunk a per-axis *plan* (:mod:`cryosiam_dask.network.tiling`) lists the network windows that
+write into it. One task per output chunk receives the tomogram blocks that its windows read
+(``tomogram.to_delayed()``), assembles and normalises the input window, runs the network (loaded once per
+worker process, :mod:`cryosiam_dask.network.runtime`) and writes the kept parts. Outputs keep the tomogram's
+chunks. ``exact`` equals :func:`cryosiam_dask.network.reference.predict_whole` for any chunking; ``fast``
+evaluates each voxel about once (see :func:`~cryosiam_dask.network.tiling.fast_defaults`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from cryosiam_dask._types import ShapeZYX
+from cryosiam_dask.errors import CheckpointError, InputFileError, ParameterError
+from cryosiam_dask.network.normalize import normalize_block, volume_stats
+from cryosiam_dask.network.runtime import (
+    get_network,
+    read_patch_size,
+    run_network,
+    set_tf32,
+    set_torch_threads,
+)
+from cryosiam_dask.network.tiling import (
+    STRIDE,
+    Plan,
+    _exact_axis,
+    _fast_axis,
+    _reads,
+    _segments,
+    _window_slices,
+    fast_defaults,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["predict_block", "predict_maps", "skipped_fraction"]
+
+
+# --------------------------------------------------------------------------- per-chunk work
+def _assemble_window(
+    blocks: Sequence[tuple[np.ndarray, tuple[int, int, int]]], plan: Plan, size: ShapeZYX, shape: ShapeZYX,
+    norm: dict[str, float],
+) -> np.ndarray:
+    """Build the normalised input window of a plan from tomogram blocks (SpatialPad zeros, far-end wrap)."""
+    window = np.zeros([w1 - w0 for w0, w1, _ in plan], np.float32)
+    segs = [_segments(w0, w1, s, n) for (w0, w1, _), s, n in zip(plan, size, shape, strict=True)]
+    for block, offset in blocks:
+        per_axis = []
+        for axis_segs, o, m in zip(segs, offset, block.shape, strict=True):
+            pairs = []
+            for lo, hi, src in axis_segs:
+                s0, s1 = max(src, o), min(src + hi - lo, o + m)
+                if s0 < s1:
+                    pairs.append((slice(lo + s0 - src, lo + s1 - src), slice(s0 - o, s1 - o)))
+            per_axis.append(pairs)
+        for combo in itertools.product(*per_axis):
+            window[tuple(c[0] for c in combo)] = normalize_block(block[tuple(c[1] for c in combo)], **norm)
+    return window
+
+
+def predict_block(
+    window: np.ndarray, model: Any, plan: Plan, chunk_start: ShapeZYX, chunk_shape: ShapeZYX, *,
+    batch_size: int, amp: str | None = None,
+) -> np.ndarray:
+    """Run the network over the windows of one chunk's plan and write their kept parts.
+
+    Parameters
+    ----------
+    window : (Wz, Wy, Wx) ndarray of float32
+        Normalised input covering every window of the plan (origin at the plan's window starts).
+    model : torch.nn.Module
+        See :func:`run_network`.
+    plan : per-axis plan
+        ``(w0, w1, [(start, length, lo, hi), ...])`` per axis, volume coordinates.
+    chunk_start, chunk_shape : (z, y, x) ints
+        The output chunk.
+    batch_size : int
+        Windows per forward pass (only windows of equal shape are batched).
+
+    Returns
+    -------
+    (3, Cz, Cy, Cx) ndarray of float32
+        Foreground, distance, boundary over the chunk.
+    """
+    out = np.zeros((3, *chunk_shape), np.float32)
+    jobs = list(itertools.product(*(pieces for _, _, pieces in plan)))
+    groups: dict[tuple[int, ...], list] = {}
+    for job in jobs:
+        groups.setdefault(tuple(p[1] for p in job), []).append(job)
+    w0 = [ax[0] for ax in plan]
+    for group in groups.values():
+        for i in range(0, len(group), batch_size):
+            batch = group[i:i + batch_size]
+            inputs = np.stack([window[_window_slices(job, w0)] for job in batch])
+            preds = run_network(model, inputs, amp=amp)
+            for job, pred in zip(batch, preds, strict=True):
+                dst = tuple(slice(lo - a, hi - a)
+                            for (_, _, lo, hi), a in zip(job, chunk_start, strict=True))
+                src = tuple(slice(lo - s, hi - s) for (s, _, lo, hi) in job)
+                out[(slice(None), *dst)] = pred[(slice(None), *src)]
+    return out
+
+
+def _chunk_task(blocks, mask, *, checkpoint_path, device, amp, tf32, batch_size, plan, size, shape, norm,
+                chunk_start, chunk_shape):
+    """One output chunk: zeros where the mask is all zero, else window → network → kept parts × mask."""
+    if mask is not None and not np.any(mask):
+        return np.zeros((3, *chunk_shape), np.float32)
+    if device == "cpu":
+        set_torch_threads()
+    else:
+        set_tf32(tf32)
+    model = get_network(checkpoint_path, device)
+    window = _assemble_window(blocks, plan, size, shape, norm)
+    out = predict_block(window, model, plan, chunk_start, chunk_shape, batch_size=batch_size, amp=amp)
+    return out if mask is None else out * mask
+
+
+# --------------------------------------------------------------------------- dask
+def skipped_fraction(mask: da.Array, chunks: tuple[tuple[int, ...], ...] | None = None) -> float:
+    """Fraction of chunks whose mask is all zero (they skip the network).
+
+    Parameters
+    ----------
+    mask : (Z, Y, X) dask.array.Array
+        Lamella mask, 0 = outside.
+    chunks : tuple of tuples, optional
+        Chunking of the outputs (default: the mask's own).
+    """
+    if chunks is not None:
+        mask = mask.rechunk(chunks)
+    empty = mask.map_blocks(lambda b: np.array([[[not np.any(b)]]]), chunks=(1, 1, 1), dtype=bool,
+                            meta=np.empty((0, 0, 0), bool))
+    return float(empty.mean().compute())
+
+
+def _validate(tomogram, checkpoint_path, tiling, data, batch_size, mask, device, amp):
+    if not isinstance(tomogram, da.Array) or tomogram.ndim != 3:
+        raise ParameterError("tomogram", f"must be a 3-D dask array (z, y, x), got {type(tomogram).__name__} "
+                             f"with shape {getattr(tomogram, 'shape', None)}")
+    if not Path(checkpoint_path).is_file():
+        raise InputFileError(f"checkpoint {checkpoint_path} does not exist")
+    if tiling not in ("fast", "exact"):
+        raise ParameterError("tiling", f"must be 'fast' or 'exact', got {tiling!r}")
+    if len(data) != 4:
+        raise ParameterError("data", f"must give (min, max, mean, std), got {data!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ParameterError("batch_size", f"must be a positive integer, got {batch_size!r}")
+    if mask is not None and tuple(mask.shape) != tuple(tomogram.shape):
+        raise ParameterError("mask", f"is {tuple(mask.shape)} but tomogram is {tuple(tomogram.shape)}")
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ParameterError("device", f"must be 'cpu' or 'cuda', got {device!r}")
+    if amp not in (None, "bf16", "fp16"):
+        raise ParameterError("amp", f"must be None, 'bf16' or 'fp16', got {amp!r}")
+
+
+def predict_maps(
+    tomogram: da.Array, checkpoint_path: str | Path, *, tiling: str = "fast",
+    data: tuple[float, float, float | None, float | None] = (0.0, 1.0, 0.0, 1.0), batch_size: int = 2,
+    mask: da.Array | None = None, device: str = "cpu", amp: str | None = None,
+    margin: int | None = None, window: int | None = None, patch_size: ShapeZYX | None = None,
+) -> tuple[da.Array, da.Array, da.Array]:
+    """Network maps of a tomogram, lazily, one dask task per chunk.
+
+    Parameters
+    ----------
+    tomogram : (Z, Y, X) dask.array.Array
+        Raw tomogram (any real dtype); its chunks are the output chunks.
+    checkpoint_path : str or Path
+        CryoSiam instance checkpoint; each worker process loads it once (:func:`get_network`).
+    tiling : {"fast", "exact"}, default "fast"
+        ``exact`` equals :func:`predict_whole` for any chunking; ``fast`` computes each voxel about once.
+    data : (min, max, mean, std), default (0, 1, 0, 1)
+        ``parameters.data``; a None mean or std is the volume's own (:func:`volume_stats`, computed now).
+    batch_size : int, default 2
+        ``hyper_parameters.batch_size``: windows per forward pass.
+    mask : (Z, Y, X) dask.array.Array of int8, optional
+        Lamella mask; maps are multiplied by it, and chunks where it is all zero skip the network.
+    device : {"cpu", "cuda"}, default "cpu"
+    amp : {None, "bf16", "fp16"}, default None
+        Autocast on the device. With ``tiling="exact"`` on CUDA, TF32 is switched off in the workers.
+    margin, window : int, optional
+        ``fast`` only: context voxels per side and maximal window edge (default :func:`fast_defaults` of the
+        largest patch edge).
+    patch_size : (z, y, x) ints, optional
+        The checkpoint's patch size when the caller has read it already (else read from the checkpoint).
+
+    Returns
+    -------
+    foreground, distance, boundary : (Z, Y, X) dask.array.Array of float32
+        Chunked like `tomogram`; foreground and boundary are probabilities, distance is raw (voxels).
+    """
+    _validate(tomogram, checkpoint_path, tiling, data, batch_size, mask, device, amp)
+    a_min, a_max, mean, std = data
+    if mean is None or std is None:
+        vmean, vstd = volume_stats(tomogram, a_min=a_min, a_max=a_max)
+        mean, std = (vmean if mean is None else mean), (vstd if std is None else std)
+        logger.info("volume statistics: mean %s, std %s", mean, std)
+    norm = {"a_min": float(a_min), "a_max": float(a_max), "mean": float(mean), "std": float(std)}
+    patch = tuple(patch_size) if patch_size is not None else read_patch_size(str(checkpoint_path))
+    if any(p % 4 for p in patch):
+        raise CheckpointError(f"checkpoint {checkpoint_path}: patch_size {patch} is not a multiple of 4")
+    default_margin, default_window = fast_defaults(max(patch))
+    margin = default_margin if margin is None else margin
+    window = default_window if window is None else window
+    if tiling == "fast" and (margin < 0 or window <= 2 * margin or window % STRIDE):
+        raise ParameterError(
+            "fast_window", f"and fast_margin: need 0 <= margin < window/2 and a window that is a "
+            f"multiple of {STRIDE}, got margin {margin}, window {window}"
+        )
+    shape = tuple(int(n) for n in tomogram.shape)
+    size = tuple(max(n, p) for n, p in zip(shape, patch, strict=True))
+    edges = [np.cumsum((0,) + tuple(c)).tolist() for c in tomogram.chunks]
+    blocks = tomogram.to_delayed()
+    masks = None if mask is None else mask.rechunk(tomogram.chunks).to_delayed()
+    task = dask.delayed(_chunk_task, pure=True)
+    nested = np.empty(blocks.shape, object)
+    for idx in np.ndindex(*blocks.shape):
+        bounds = [(e[i], e[i + 1]) for e, i in zip(edges, idx, strict=True)]
+        if tiling == "exact":
+            plan = tuple(_exact_axis(a, b, s, p) for (a, b), s, p in zip(bounds, size, patch, strict=True))
+        else:
+            plan = tuple(_fast_axis(a, b, s, margin=margin, window=window)
+                         for (a, b), s in zip(bounds, size, strict=True))
+        needed = [[j for j in range(len(e) - 1) if _reads(e[j], e[j + 1], w0, w1, s, n)]
+                  for e, (w0, w1, _), s, n in zip(edges, plan, size, shape, strict=True)]
+        inputs = [(blocks[j], tuple(e[k] for e, k in zip(edges, j, strict=True)))
+                  for j in itertools.product(*needed)]
+        chunk_start = tuple(a for a, _ in bounds)
+        chunk_shape = tuple(b - a for a, b in bounds)
+        out = task(inputs, None if masks is None else masks[idx], checkpoint_path=str(checkpoint_path),
+                   device=device, amp=amp, tf32=tiling != "exact", batch_size=batch_size, plan=plan,
+                   size=size, shape=shape,
+                   norm=norm, chunk_start=chunk_start, chunk_shape=chunk_shape)
+        nested[idx] = da.from_delayed(out, (3, *chunk_shape), dtype=np.float32,
+                                      meta=np.empty((0, 0, 0, 0), np.float32))
+    maps = da.block(nested.tolist())
+    return maps[0], maps[1], maps[2]

@@ -1,0 +1,1 @@
+"""Running ``instance_predict``: settings (the config's one seam), the four stages, resume, locks, cluster."""

@@ -1,0 +1,207 @@
+"""Dask clusters: a CPU ``LocalCluster``, dask-cuda's ``LocalCUDACluster`` (one worker per GPU), or an
+existing scheduler.
+
+The choice is made here, not by dask-cuda: ``LocalCUDACluster`` raises at once on a machine without a GPU,
+so it is only started when ``device`` resolves to ``cuda``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from cryosiam_dask.backend import GPU_HINT
+from cryosiam_dask.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """How the cluster is (or would be) started.
+
+    Attributes
+    ----------
+    kind : {"existing", "cpu", "cuda"}
+        ``existing`` attaches to ``scheduler_address`` and starts nothing.
+    n_workers, threads_per_worker : int
+        Worker processes and threads per worker (``cpu``/``cuda``; 0 for ``existing``).
+    memory_limit : str
+        Per-worker memory limit passed to distributed (``"auto"`` = machine memory / n_workers).
+    gpus : tuple of int
+        GPU ids, one worker each (``cuda`` only).
+    """
+
+    kind: str
+    n_workers: int
+    threads_per_worker: int
+    memory_limit: str
+    gpus: tuple[int, ...] = ()
+    scheduler_address: str | None = None
+    dashboard_address: str | None = "127.0.0.1:8787"
+
+
+def resolve_device(device: str) -> str:
+    """Resolve ``"auto"`` to ``"cuda"`` when torch sees a GPU, else ``"cpu"``.
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda"}
+
+    Returns
+    -------
+    str
+        ``"cpu"`` or ``"cuda"``.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"cryosiam_dask.device: expected 'auto', 'cpu' or 'cuda', found {device!r}")
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _gpu_ids(gpu_devices: Any) -> tuple[int, ...]:
+    """``parameters.gpu_devices``: a count (first N GPUs) or a list of ids; None means all visible GPUs."""
+    import torch
+
+    available = torch.cuda.device_count()
+    if gpu_devices is None:
+        return tuple(range(available))
+    if isinstance(gpu_devices, int):
+        if gpu_devices < 1:
+            raise ConfigError(
+                f"parameters.gpu_devices: expected a count >= 1 or a list of ids, found {gpu_devices}"
+            )
+        return tuple(range(min(gpu_devices, available)))
+    ids = tuple(int(i) for i in gpu_devices)
+    bad = [i for i in ids if i < 0 or i >= available]
+    if bad:
+        raise ConfigError(f"parameters.gpu_devices: GPU ids {bad} do not exist ({available} GPUs visible)")
+    return ids
+
+
+def plan_cluster(
+    *,
+    device: str = "cpu",
+    scheduler_address: str | None = None,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | None = "auto",
+    gpu_devices: Any = None,
+    dashboard_address: str | None = "127.0.0.1:8787",
+) -> ClusterPlan:
+    """Decide the cluster without starting it.
+
+    Parameters
+    ----------
+    device : {"cpu", "cuda"}
+        Already resolved (see :func:`resolve_device`).
+    scheduler_address : str or None, default None
+        Attach to this scheduler (``tcp://host:8786``); nothing is started.
+    n_workers : int or None, default None
+        CPU: ``None`` = ``cores // threads_per_worker``. CUDA: one worker per GPU (``None``).
+    threads_per_worker : int or None, default None
+        CPU: ``None`` = 2 when the machine has >= 2 cores (torch runs 2 intra-op threads per worker, so the
+        cores are used without oversubscription), else 1. CUDA: 1 (the GPU is the bottleneck).
+    memory_limit : str or None, default "auto"
+        Per worker; ``"auto"`` = total memory / n_workers.
+    gpu_devices : int, list of int or None
+        ``parameters.gpu_devices`` (CUDA only).
+    dashboard_address : str or None, default "127.0.0.1:8787"
+        Localhost only unless configured otherwise; ``None`` disables the dashboard.
+    """
+    memory_limit = memory_limit or "auto"
+    if scheduler_address:
+        return ClusterPlan(
+            "existing", 0, 0, memory_limit, scheduler_address=scheduler_address, dashboard_address=None
+        )
+    if device == "cuda":
+        gpus = _gpu_ids(gpu_devices)
+        if not gpus:
+            raise ConfigError("cryosiam_dask.device is 'cuda' but torch sees no GPU")
+        return ClusterPlan(
+            "cuda",
+            len(gpus),
+            threads_per_worker or 1,
+            memory_limit,
+            gpus=gpus,
+            dashboard_address=dashboard_address,
+        )
+    cores = os.cpu_count() or 1
+    threads = threads_per_worker or (2 if cores >= 2 else 1)
+    workers = n_workers or max(1, cores // threads)
+    return ClusterPlan("cpu", workers, threads, memory_limit, dashboard_address=dashboard_address)
+
+
+def worker_environ() -> dict[str, Any]:
+    """distributed's worker environment without ``MALLOC_TRIM_THRESHOLD_``.
+
+    distributed sets ``MALLOC_TRIM_THRESHOLD_=65536`` in its workers; a fixed threshold switches off glibc's
+    dynamic mmap threshold, so every large torch buffer is mmap'ed and page-faulted anew: CPU inference ran
+    about 1.7x slower in a worker (measured, bench_inference). Memory stays bounded by the chunk size anyway.
+    """
+    import dask
+
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    return environ
+
+
+@contextlib.contextmanager
+def start_client(plan: ClusterPlan, *, processes: bool = True) -> Iterator[Any]:
+    """Start (or attach to) the cluster of ``plan`` and yield a ``distributed.Client``.
+
+    The dashboard link is logged at start. On exit, a cluster started here is closed; an existing one is left
+    running.
+    """
+    import dask
+    from distributed import Client, LocalCluster
+
+    if plan.kind == "existing":
+        with Client(plan.scheduler_address) as client:
+            logger.info(
+                "attached to existing scheduler %s (%d workers)",
+                plan.scheduler_address,
+                len(client.scheduler_info().get("workers", {})),
+            )
+            yield client
+        return
+    env = dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()})
+    env.__enter__()
+    if plan.kind == "cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as e:
+            raise ImportError(GPU_HINT) from e
+        cluster = LocalCUDACluster(
+            CUDA_VISIBLE_DEVICES=list(plan.gpus),
+            threads_per_worker=plan.threads_per_worker,
+            memory_limit=plan.memory_limit,
+            rmm_pool_size=None,
+            rmm_allocator_external_lib_list=["cupy", "torch"],
+            dashboard_address=plan.dashboard_address,
+        )
+    else:
+        cluster = LocalCluster(
+            n_workers=plan.n_workers,
+            threads_per_worker=plan.threads_per_worker,
+            memory_limit=plan.memory_limit,
+            processes=processes,
+            dashboard_address=plan.dashboard_address,
+        )
+    env.__exit__(None, None, None)
+    with cluster, Client(cluster) as client:
+        logger.info(
+            "started %s cluster: %d workers x %d threads; dashboard: %s",
+            plan.kind,
+            plan.n_workers,
+            plan.threads_per_worker,
+            client.dashboard_link if plan.dashboard_address else "off",
+        )
+        yield client

@@ -1,0 +1,77 @@
+"""Output locks: one per output stem, ``<prediction_folder>/.<stem>.cryosiam_dask.lock``, held with filelock.
+
+The lock is an OS file lock (``fcntl.flock``): the kernel releases it when the holding process dies, so a
+killed run never leaves a stale lock. Who holds it (pid, host) is written beside it, in ``<lock>.owner``, for
+the message another run prints.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from cryosiam_dask.errors import OutputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["acquire_lock", "lock_path", "release_lock"]
+
+_HELD: dict[Path, FileLock] = {}
+
+
+def lock_path(folder: Path, stem: str) -> Path:
+    """The lock file of `stem`'s outputs in `folder`."""
+    return Path(folder) / f".{stem}.cryosiam_dask.lock"
+
+
+def _owner(path: Path) -> Path:
+    return path.with_name(path.name + ".owner")
+
+
+def acquire_lock(folder: Path, stem: str) -> Path:
+    """Lock the outputs of ``stem`` in ``folder`` for this process; return the lock file.
+
+    Raises
+    ------
+    OutputError
+        Another run (pid, host named in the message) holds the lock, or the lock cannot be created.
+    """
+    path = lock_path(folder, stem)
+    lock = FileLock(path, timeout=0, is_singleton=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            who = _owner(path).read_text().split()
+            pid, host = who[0], who[1]
+        except (OSError, IndexError):
+            pid, host = "?", "?"
+        raise OutputError(
+            f"{path}: '{stem}' is being written by another instance_predict run (pid {pid} on {host}); "
+            "wait for it to finish"
+        ) from None
+    except OSError as e:
+        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise OutputError(f"{path}: cannot create the output lock ({what})") from e
+    owner = _owner(path)
+    if owner.exists():  # the last holder died without releasing: the OS freed the lock, its note stayed
+        logger.warning("%s: taking over the stale lock of process %s (no longer running)", path,
+                       owner.read_text().split()[:1])
+    owner.write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    _HELD[path] = lock
+    return path
+
+
+def release_lock(path: Path) -> None:
+    """Release a lock taken by :func:`acquire_lock` in this process (nothing if it is not held here)."""
+    lock = _HELD.pop(Path(path), None)
+    if lock is None:
+        return
+    _owner(path).unlink(missing_ok=True)
+    lock.release()
+    Path(path).unlink(missing_ok=True)

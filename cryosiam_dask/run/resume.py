@@ -1,0 +1,122 @@
+"""Resume: per-chunk done markers, fingerprints of what a store depends on, stores reused across runs.
+
+Per-chunk markers (as daisy and volara record finished blocks): every chunk task of a stage writes its whole
+zarr chunk(s) first and then a marker file ``<markers>/<z>.<y>.<x>.npz`` (atomically: temporary name, then
+``os.replace``), so a marker always means the chunk's data is complete. A rerun skips the chunks that have a
+marker. The stores are named by a hash of everything their values depend on (input, checkpoint, settings),
+so a changed setting writes a new store instead of reusing stale chunks. Re-running a chunk (a lost worker,
+a resumed run) rewrites the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def fingerprint_key(*parts: Any) -> str:
+    """A 16-hex-digit hash of JSON-able ``parts`` (dict keys sorted)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_stamp(path: Path | None) -> list[Any] | None:
+    """``[path, size, mtime_ns]`` of a file (or None): what a stage's values depend on of an input file."""
+    if path is None:
+        return None
+    st = Path(path).stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+class ChunkMarkers:
+    """Done markers of one stage's chunks, one small ``.npz`` file per chunk (picklable: a folder and a name).
+
+    Parameters
+    ----------
+    folder : Path
+        Marker folder (created on first save).
+    stage : str
+        Stage name, for the log.
+    """
+
+    def __init__(self, folder: Path, stage: str) -> None:
+        self.folder = Path(folder)
+        self.stage = stage
+
+    def path(self, index: tuple[int, ...]) -> Path:
+        return self.folder / (".".join(str(int(i)) for i in index) + ".npz")
+
+    def done(self, index: tuple[int, ...]) -> bool:
+        return self.path(index).is_file()
+
+    def count(self) -> int:
+        return len(list(self.folder.glob("*.npz"))) if self.folder.is_dir() else 0
+
+    def load(self, index: tuple[int, ...]) -> dict[str, np.ndarray] | None:
+        """The arrays saved with chunk ``index``'s marker, or None if the chunk is not done."""
+        path = self.path(index)
+        try:
+            with np.load(path) as f:
+                return {k: f[k] for k in f.files}
+        except (OSError, ValueError, EOFError):  # missing or (never: written atomically) damaged
+            return None
+
+    def save(self, index: tuple[int, ...], **arrays: Any) -> None:
+        """Record chunk ``index`` as done (call after its data is written), with small ``arrays``."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        final = self.path(index)
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        os.replace(tmp, final)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def open_chunked(
+    group_path: Path,
+    name: str,
+    *,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: Any,
+    markers: ChunkMarkers,
+) -> Any:
+    """The zarr array ``name`` of the group, reused when its shape, chunks and dtype match.
+
+    A new (or mismatching) array is created empty and ``markers`` are cleared, so no marker outlives its data.
+    """
+    import zarr
+
+    group = zarr.open_group(str(group_path), mode="a")
+    if name in group:
+        arr = group[name]
+        if (tuple(arr.shape), tuple(arr.chunks), np.dtype(arr.dtype)) == (shape, chunks, np.dtype(dtype)):
+            return arr
+    markers.clear()
+    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, overwrite=True)
+
+
+def write_chunk(
+    blocks: list[np.ndarray],
+    targets: list[Any],
+    region: tuple[slice, ...],
+    markers: ChunkMarkers,
+    index: tuple[int, ...],
+) -> int:
+    """Write whole zarr chunks (``targets[i][region] = blocks[i]``), then the chunk's marker."""
+    for block, target in zip(blocks, targets, strict=True):
+        target[region] = np.asarray(block)
+    markers.save(index)
+    return 1

@@ -1,0 +1,198 @@
+"""Stage 3, instances: the seeded watershed per chunk window, global ids, labels into zarr; resumable.
+
+Each window task writes its core's marker keys into ``instances-<key>.zarr/keys`` (whole zarr chunks) and then
+a done record with its small statistics, so only those statistics travel back to the client and a rerun
+segments only unfinished windows. The id table (sorted keys) is built from the records; the labels are a
+lazy lookup of the stored keys, written chunk by chunk to ``instances``.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from cryosiam_dask.backend import to_numpy
+from cryosiam_dask.errors import InputFileError
+from cryosiam_dask.instances.merge import (
+    InstanceReport,
+    check_parameters,
+    id_table,
+    keys_to_ids,
+    make_report,
+    window_keys,
+)
+from cryosiam_dask.instances.windows import Window, margin_for, plan_windows
+from cryosiam_dask.run import resume
+from cryosiam_dask.run.maps import Maps, chunk_writes
+from cryosiam_dask.run.progress import compute
+from cryosiam_dask.run.settings import InstanceSettings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Instances", "segment_all", "semantic_foreground"]
+
+
+@dataclass
+class Instances:
+    """The instance labels of one tomogram: (Z, Y, X) uint32 dask array read from its store, and a report."""
+
+    labels: da.Array
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_semantic(path: str, labels: tuple[int, ...], block_info: Any = None) -> np.ndarray:
+    import h5py
+
+    loc = block_info[None]["array-location"]
+    with h5py.File(path, "r") as f:
+        block = f["labels"][tuple(slice(a, b) for a, b in loc)]
+    return np.isin(block, labels).astype(np.float32)
+
+
+def semantic_foreground(path: Path, labels: tuple[int, ...], like: da.Array) -> da.Array:
+    """fg = ``isin(semantic labels, labels)`` as float32, read chunk by chunk from ``path['labels']``.
+
+    Raises
+    ------
+    InputFileError
+        The file is missing or its labels are not of `like`'s shape.
+    """
+    import h5py
+
+    if not path.exists():
+        raise InputFileError(f"semantic prediction {path} does not exist")
+    with h5py.File(path, "r") as f:
+        shape = tuple(f["labels"].shape)
+    if shape != tuple(like.shape):
+        raise InputFileError(
+            f"semantic prediction {path.name} is {shape} but tomogram is {tuple(like.shape)}"
+        )
+    return da.map_blocks(
+        _read_semantic,
+        str(path),
+        tuple(labels),
+        chunks=like.chunks,
+        dtype=np.float32,
+        meta=np.empty((0, 0, 0), np.float32),
+    )
+
+
+def _keys_to_store(
+    fg: Any,
+    dist: Any,
+    *,
+    store: Any,
+    region: tuple[slice, ...],
+    records: Any,
+    index: tuple[int, ...],
+    **kwargs: Any,
+) -> int:
+    """:func:`window_keys` of one window, its core's keys written to ``store[region]``, then its record."""
+    keys, unique, n_oversized, skipped = window_keys(fg, dist, **kwargs)
+    store[region] = to_numpy(keys)
+    records.save(index, unique=unique, oversized=n_oversized, skipped=skipped)
+    return 1
+
+
+def _instances_key(maps_key: str, settings: InstanceSettings, semantic: Any) -> str:
+    return resume.fingerprint_key(
+        maps_key,
+        [
+            settings.threshold_foreground,
+            settings.min_center_distance,
+            settings.max_center_distance,
+            settings.distance_type,
+        ],
+        settings.halo,
+        semantic,
+    )
+
+
+def _segment_one(stem: str, maps: Maps, settings: InstanceSettings, work_dir: Path) -> tuple[Any, ...]:
+    """Window keys of one tomogram into its store; returns (labels, report, target array, markers)."""
+    fg, dist = maps.foreground, maps.distance
+    semantic = None
+    if settings.semantic_predictions is not None:
+        path = settings.semantic_predictions / f"{stem}_preds.h5"
+        fg = semantic_foreground(path, settings.semantic_foreground_labels or (), fg)
+        semantic = [resume.file_stamp(path), list(settings.semantic_foreground_labels or ())]
+    check_parameters(settings.min_center_distance, settings.max_center_distance)
+    windows: list[Window] = plan_windows(fg.chunks, settings.halo, settings.distance_type)
+    chunks = tuple(int(c[0]) for c in fg.chunks)
+    store = work_dir / stem / f"instances-{_instances_key(maps.key, settings, semantic)}.zarr"
+    done = store.with_name(store.name + ".done")
+    records = resume.ChunkMarkers(done / "windows", "windows")
+    label_markers = resume.ChunkMarkers(done / "instances", "instances")
+    keys = resume.open_chunked(store, "keys", shape=fg.shape, chunks=chunks, dtype=np.uint64, markers=records)
+    shape = tuple(int(s) for s in fg.shape)
+    params = settings.watershed_kwargs()
+    stats_of: dict[tuple[int, ...], tuple[np.ndarray, int, bool]] = {}
+    tasks, todo = [], []
+    task = dask.delayed(_keys_to_store, pure=True)
+    for w in windows:
+        record = records.load(w.index)
+        if record is not None:
+            stats_of[w.index] = (record["unique"], int(record["oversized"]), bool(record["skipped"]))
+            continue
+        todo.append(w.index)
+        tasks.append(
+            task(
+                fg[w.window],
+                dist[w.window],
+                store=keys,
+                region=w.region,
+                records=records,
+                index=w.index,
+                start=w.start,
+                core=w.core,
+                cut=w.cut,
+                shape=shape,
+                margin=margin_for(settings.distance_type),
+                params=params,
+            )
+        )
+    if stats_of:
+        logger.info("instances: %d of %d windows reused from an earlier run", len(stats_of), len(windows))
+    compute(*tasks)
+    for index in todo:
+        record = records.load(index)
+        stats_of[index] = (record["unique"], int(record["oversized"]), bool(record["skipped"]))
+    stats = [stats_of[w.index] for w in windows]
+    table = id_table([s[0] for s in stats])
+    report: InstanceReport = make_report(stats, table, settings.halo)
+    labels = da.from_zarr(keys, chunks=fg.chunks).map_blocks(
+        keys_to_ids, table, dtype=np.uint32, meta=np.empty((0, 0, 0), np.uint32)
+    )
+    target = resume.open_chunked(
+        store, "instances", shape=fg.shape, chunks=chunks, dtype=np.uint32, markers=label_markers
+    )
+    extra = {"windows_computed": len(todo), **asdict(report)}
+    return labels, extra, target, label_markers
+
+
+def segment_all(
+    stems: list[str], maps: list[Maps], settings: InstanceSettings, work_dir: Path
+) -> list[Instances]:
+    """Instances of every tomogram; the windows of all tomograms share the cluster."""
+    with ThreadPoolExecutor(max_workers=max(1, len(stems))) as pool:  # one submitting thread per tomogram
+        pairs = zip(stems, maps, strict=True)
+        done = list(pool.map(lambda a: _segment_one(a[0], a[1], settings, work_dir), pairs))
+    writes, out = [], []
+    for stem, (labels, report, target, markers) in zip(stems, done, strict=True):
+        todo = [i for i in np.ndindex(*labels.numblocks) if not markers.done(i)]
+        report["label_chunks_computed"] = len(todo)
+        n_all = int(np.prod(labels.numblocks))
+        if len(todo) < n_all:
+            logger.info("%s: labels: %d of %d chunks done in an earlier run", stem, n_all - len(todo), n_all)
+        writes += chunk_writes([labels], [target], markers, todo)
+        out.append(Instances(da.from_zarr(target, chunks=labels.chunks), report))
+    if writes:
+        compute(*writes)
+    return out

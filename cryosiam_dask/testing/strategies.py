@@ -1,0 +1,55 @@
+"""Hypothesis strategies and map builders for property tests: chunked results against whole-volume ones.
+
+Needs ``hypothesis`` (the ``test`` extra).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.ndimage as ndi
+from hypothesis import strategies as st
+
+__all__ = ["assert_same_partition", "ball_maps", "balls", "chunkings"]
+
+
+def balls(shape: tuple[int, int, int], *, radius: tuple[float, float] = (1.5, 3.5), max_size: int = 6) -> Any:
+    """Lists of balls ``(z, y, x, radius)`` with centres inside `shape` (a hypothesis strategy)."""
+    z, y, x = (float(n - 1) for n in shape)
+    ball = st.tuples(st.floats(0, z), st.floats(0, y), st.floats(0, x), st.floats(*radius))
+    return st.lists(ball, max_size=max_size)
+
+
+def chunkings(low: int = 6, high: int = 12) -> Any:
+    """(z, y, x) chunk shapes with every edge in [low, high] (a hypothesis strategy)."""
+    return st.tuples(st.integers(low, high), st.integers(low, high), st.integers(low, high))
+
+
+def ball_maps(shape: tuple[int, int, int], spheres: list[tuple[float, ...]]) -> tuple[np.ndarray, np.ndarray]:
+    """Maps like the network's training targets, from balls (centre z, y, x, radius).
+
+    Returns
+    -------
+    foreground : (Z, Y, X) ndarray of float32
+        The union of the balls, blurred (sigma 1).
+    distance : (Z, Y, X) ndarray of float32
+        Signed distance to the nearest ball surface (max over balls), clipped to [-5, 5].
+    """
+    grid = np.indices(shape, dtype=np.float64)
+    dist = np.full(shape, -5.0)
+    for *centre, r in spheres:
+        d = r - np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)))
+        dist = np.maximum(dist, d)
+    dist = np.clip(dist, -5, 5).astype(np.float32)
+    fg = ndi.gaussian_filter((dist > 0).astype(np.float32), 1.0)
+    return fg, dist
+
+
+def assert_same_partition(a: np.ndarray, b: np.ndarray) -> None:
+    """Assert that two label volumes are one partition: a one-to-one map of ids, background to background."""
+    assert a.shape == b.shape
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    assert np.unique(pairs[0]).size == pairs.shape[1], "a label of the first maps to several of the second"
+    assert np.unique(pairs[1]).size == pairs.shape[1], "a label of the second maps to several of the first"
+    assert not ((pairs[0] == 0) ^ (pairs[1] == 0)).any(), "background differs"
