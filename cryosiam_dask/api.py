@@ -102,6 +102,9 @@ def segment(
     max_center_distance: float = 4,
     distance_type: int = 1,
     halo: int = 32,
+    boundary: Any = None,
+    postprocessing: bool = False,
+    boundary_bias: float = 0.8,
 ) -> da.Array:
     """CryoSiam's seeded-watershed instances of the maps, as a lazy dask array with global ids.
 
@@ -112,6 +115,11 @@ def segment(
     threshold_foreground, min_center_distance, max_center_distance, distance_type
         CryoSiam's ``parameters.network`` keys, with their real meaning (see the README's config reference).
     halo : int, default 32
+    boundary : (Z, Y, X) dask or numpy array of float32, optional
+        The boundary map; needed when `postprocessing` is True.
+    postprocessing, boundary_bias : bool and float, defaults False and 0.8
+        CryoSiam's multicut after the watershed (the ``multicut`` extra), with its bias; the edge graph is
+        solved when this function is called, the relabelling stays lazy.
 
     Returns
     -------
@@ -133,6 +141,14 @@ def segment(
             distance_type=distance_type,
             halo=halo,
         )
+        if postprocessing and boundary_bias != 1:
+            from cryosiam_dask.instances.multicut import check_multicut_available, multicut_chunked
+
+            if boundary is None:
+                raise ParameterError("boundary", "is needed by the multicut (postprocessing=True)")
+            check_multicut_available()
+            bnd = boundary if isinstance(boundary, da.Array) else da.from_array(boundary, chunks=fg.chunks)
+            labels, _ = multicut_chunked(labels.persist(), bnd, boundary_bias=boundary_bias)
     except ParameterError as e:
         raise user_error(e) from e
     return labels

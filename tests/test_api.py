@@ -27,3 +27,20 @@ def test_quickstart_notebook_executes(tmp_path):
         + outputs.split(" instances found; ")[1].split()[:1]
     )
     assert abs(found - true) <= 2, outputs
+
+
+def test_segment_with_multicut_equals_cryosiam(golden, golden_maps):
+    import dask
+    import h5py
+    import numpy as np
+
+    import cryosiam_dask as csd
+
+    fg, dist, bnd = golden_maps
+    with dask.config.set(scheduler="synchronous"):
+        labels = csd.segment(fg, dist, threshold_foreground=0.65, min_center_distance=1,
+                             max_center_distance=4, distance_type=1, halo=24, boundary=bnd,
+                             postprocessing=True, boundary_bias=0.8)
+        got = labels.compute()
+    with h5py.File(golden / "postprocessing" / "multicut_a_default.h5", "r") as f:
+        assert np.array_equal(got, f["instances"][:])

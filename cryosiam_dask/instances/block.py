@@ -32,10 +32,6 @@ SIGMA = 0.5
 """Gaussian sigma (voxels) of every smoothing step of the original (skimage.filters.gaussian defaults)."""
 EDT_CLIP = 5.0
 """The EDT of the foreground is clipped at this many voxels before it is blurred (distance_type 1 and 2)."""
-MULTICUT_MESSAGE = (
-    "network.postprocessing: True (CryoSiam's multicut with elf/nifty and ITK) is not supported; "
-    "set network.postprocessing: False to use the seeded watershed (the docs' config)"
-)
 
 
 def smooth_block(a: Any) -> Any:

@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from cryosiam_dask.errors import NotSupportedError, ParameterError
-from cryosiam_dask.instances.block import MULTICUT_MESSAGE, segment_block
+from cryosiam_dask.errors import ParameterError
+from cryosiam_dask.instances.block import segment_block
 from cryosiam_dask.instances.merge import check_parameters
 
 __all__ = ["ORIGINAL_NAMES", "from_original_kwargs", "instance_segmentation"]
@@ -46,7 +46,7 @@ def instance_segmentation(
     distance : (Z, Y, X) numpy.ndarray of float32
         Raw distance regression.
     boundary : (Z, Y, X) numpy.ndarray of float32 or None
-        Boundary probability; only the multicut would use it, so it is ignored.
+        Boundary probability; only the multicut (``postprocessing=True``) uses it.
     min_center_distance, max_center_distance : float, defaults 0 and 5
         Distance levels in voxels for the markers (CryoSiam's ``threshold_min``, ``threshold_max``).
     boundary_bias : float, default 0.45
@@ -56,7 +56,8 @@ def instance_segmentation(
     distance_type : int, default 0
         0: predicted distance; 1: mean of it and the blurred, clipped EDT of fg >= T; 2: that EDT only.
     postprocessing : bool, default False
-        True asks for CryoSiam's multicut, which is not supported (`NotSupportedError`).
+        CryoSiam's multicut after the watershed (:mod:`cryosiam_dask.instances.multicut`; needs the
+        ``multicut`` extra); skipped when ``boundary_bias == 1``, as in the original.
 
     Returns
     -------
@@ -71,8 +72,6 @@ def instance_segmentation(
     >>> int(lab.max())
     1
     """
-    if postprocessing and boundary_bias != 1:
-        raise NotSupportedError(MULTICUT_MESSAGE)
     check_parameters(min_center_distance, max_center_distance)
     if not isinstance(distance_type, (int, np.integer)):
         raise ParameterError("distance_type", f"must be an integer, got {distance_type!r}")
@@ -89,4 +88,12 @@ def instance_segmentation(
         threshold_foreground=threshold_foreground,
         distance_type=distance_type,
     )[0]
-    return labels.astype(np.uint32)
+    labels = labels.astype(np.uint32)
+    if postprocessing and boundary_bias != 1:
+        from cryosiam_dask.instances.multicut import check_multicut_available, multicut_postprocess
+
+        if boundary is None:
+            raise ParameterError("boundary", "is needed by the multicut (postprocessing=True)")
+        check_multicut_available()
+        labels = multicut_postprocess(labels, np.asarray(boundary), boundary_bias=boundary_bias)
+    return labels

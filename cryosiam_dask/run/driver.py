@@ -15,7 +15,7 @@ from typing import Any
 
 from cryosiam_dask._types import ShapeZYX
 from cryosiam_dask.config import InstanceConfig
-from cryosiam_dask.errors import NotSupportedError, OutputError
+from cryosiam_dask.errors import OutputError
 from cryosiam_dask.run.locks import acquire_lock, release_lock
 from cryosiam_dask.run.settings import RunSettings
 from cryosiam_dask.run.stages import TomogramResult, run_stages
@@ -24,10 +24,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TomogramResult", "instance_predict", "validate"]
 
-NOT_SUPPORTED_MULTICUT = (
-    "parameters.network.postprocessing: True (CryoSiam's multicut through elf/nifty, conda-only) is not "
-    "supported; set 'postprocessing: False' for the seeded watershed (the docs' config_instance.yaml does)"
-)
+
 
 
 def _check_writable(folder: Path) -> None:
@@ -52,8 +49,11 @@ def validate(config: InstanceConfig, *, filename: str | None = None) -> tuple[li
     from cryosiam_dask.network.checkpoint import load_checkpoint, patch_size_of
     from cryosiam_dask.network.model import build_model
 
-    if config.parameters.network.postprocessing:
-        raise NotSupportedError(NOT_SUPPORTED_MULTICUT)
+    network = config.parameters.network
+    if network.postprocessing and network.boundary_bias != 1:
+        from cryosiam_dask.instances.multicut import check_multicut_available
+
+        check_multicut_available()  # before any work: a missing extra names itself in one line
     files = config.validate_paths(filename)
     for f in files:
         if f.suffix != ".zarr":

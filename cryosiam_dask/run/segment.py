@@ -173,7 +173,7 @@ def _segment_one(stem: str, maps: Maps, settings: InstanceSettings, work_dir: Pa
     target = resume.open_chunked(
         store, "instances", shape=fg.shape, chunks=chunks, dtype=np.uint32, markers=label_markers
     )
-    extra = {"windows_computed": len(todo), **asdict(report)}
+    extra = {"windows_computed": len(todo), "store": store.name, **asdict(report)}
     return labels, extra, target, label_markers
 
 

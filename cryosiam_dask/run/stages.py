@@ -3,6 +3,7 @@
 1. :mod:`~cryosiam_dask.run.inputs`: MRC/REC -> chunked zarr, lamella masks;
 2. :mod:`~cryosiam_dask.run.maps`: the network per chunk -> ``<work_dir>/<stem>/maps-<key>.zarr``;
 3. :mod:`~cryosiam_dask.run.segment`: watershed per chunk window, global ids -> ``instances-<key>.zarr``;
+   with ``postprocessing: True``, :mod:`~cryosiam_dask.run.multicut` -> ``multicut-<key>.zarr``;
 4. :mod:`~cryosiam_dask.run.write`: every output file.
 
 Each stage materialises to zarr in ``work_dir``, so no stage is computed twice, memory stays bounded and a
@@ -21,6 +22,7 @@ from typing import Any
 from cryosiam_dask.errors import CryoSiamDaskError, ParameterError
 from cryosiam_dask.run.inputs import open_inputs
 from cryosiam_dask.run.maps import maps_fingerprint, predict_all
+from cryosiam_dask.run.multicut import multicut_all
 from cryosiam_dask.run.segment import segment_all
 from cryosiam_dask.run.settings import RunSettings, user_error
 from cryosiam_dask.run.write import output_error, write_outputs
@@ -68,13 +70,15 @@ def run_stages(settings: RunSettings, files: list[tuple[Path, str]]) -> list[Tom
         work_dir,
         lambda: predict_all(items, settings.network, settings.inputs, settings.outputs.prediction_folder),
     )
+    stems = [i.stem for i in items]
     instances = _timed(
-        "instances",
-        timings,
-        n,
-        work_dir,
-        lambda: segment_all([i.stem for i in items], maps, settings.instances, work_dir),
+        "instances", timings, n, work_dir, lambda: segment_all(stems, maps, settings.instances, work_dir)
     )
+    if settings.instances.postprocessing and settings.instances.boundary_bias != 1:
+        instances = _timed(
+            "multicut", timings, n, work_dir,
+            lambda: multicut_all(stems, maps, instances, settings.instances, work_dir),
+        )
 
     def write() -> list[tuple[int, dict[str, Path]]]:
         return [

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from skimage.segmentation import watershed
 
-from cryosiam_dask.errors import ConfigError, NotSupportedError
+from cryosiam_dask.errors import ConfigError
 from cryosiam_dask.instances.block import (
     find_markers,
     find_markers_with_levels,
@@ -66,11 +66,14 @@ def test_inputs_not_modified(golden, maps):
         np.testing.assert_array_equal(m, c)
 
 
-def test_multicut_not_supported(maps):
-    with pytest.raises(NotSupportedError, match="network.postprocessing: False"):
-        instance_segmentation(
-            *maps, min_center_distance=1, max_center_distance=4, boundary_bias=0.8, postprocessing=True
-        )
+@pytest.mark.parametrize("name", ["multicut_a_default", "multicut_b_bias0.7", "multicut_c_T0.5_dt2"])
+def test_golden_multicut_exact(golden, maps, golden_settings, name):
+    """The whole path with postprocessing=True, from CryoSiam's maps: its multicut output, ids included."""
+    entry = golden_settings[name]
+    with h5py.File(golden / "postprocessing" / entry["file"], "r") as f:
+        expected = f["instances"][:]
+    out = instance_segmentation(*maps, **from_original_kwargs(entry["kwargs"]))
+    assert out.dtype == np.uint32 and np.array_equal(out, expected)
 
 
 def test_bad_shapes_and_options():

@@ -102,26 +102,47 @@ def test_raw_maps_of_cryosiam_are_reused(golden, tmp_path, monkeypatch, client):
     (tmp_path / "out").mkdir()
     shutil.copy(golden / "predictions" / "TS_tiny_preds.h5", tmp_path / "out")
     monkeypatch.chdir(tmp_path)
-    import cryosiam_dask.network.predict as inference
+    from cryosiam_dask.run import maps as maps_stage
     from cryosiam_dask.run.driver import instance_predict
 
     def no_network(*args, **kwargs):
         raise AssertionError("the network ran although the raw maps exist")
 
-    monkeypatch.setattr(inference, "predict_maps", no_network)
+    monkeypatch.setattr(maps_stage, "predict_maps", no_network)
     instance_predict(load_config(cfg_path), client=client)
     labels = _read(tmp_path / "out" / "TS_tiny_instance_preds.h5", "instances")
     assert np.array_equal(labels, _read(golden / "predictions" / "TS_tiny_instance_preds.h5", "instances"))
 
 
-def test_multicut_is_refused_before_any_work(golden, tmp_path, monkeypatch):
+@pytest.mark.parametrize("chunks", [[40, 61, 44], [16, 24, 20]])
+def test_config_without_postprocessing_key_runs_the_multicut(golden, tmp_path, monkeypatch, client, chunks):
+    """CryoSiam's default (no key: True): its multicut golden, at two chunkings, from CryoSiam's own maps."""
+    cfg_path = _golden_config(golden, tmp_path, chunk_size=chunks, halo=24, output_formats=["cryosiam"])
+    cfg = yaml.safe_load(cfg_path.read_text())
+    del cfg["parameters"]["network"]["postprocessing"]
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "out").mkdir()
+    shutil.copy(golden / "predictions" / "TS_tiny_preds.h5", tmp_path / "out")  # the maps CryoSiam used
+    monkeypatch.chdir(tmp_path)
+    from cryosiam_dask.run.driver import instance_predict
+
+    [result] = instance_predict(load_config(cfg_path), client=client)
+    labels = _read(tmp_path / "out" / "TS_tiny_instance_preds.h5", "instances")
+    expected = _read(golden / "postprocessing" / "multicut_a_default.h5", "instances")
+    assert np.array_equal(labels, expected)  # partition and ids
+    assert result.n_instances == 9 and result.report["n_watershed_instances"] == 10
+
+
+def test_multicut_without_its_extra_fails_before_any_work(golden, tmp_path, monkeypatch):
     cfg_path = _golden_config(golden, tmp_path)
     cfg = yaml.safe_load(cfg_path.read_text())
     del cfg["parameters"]["network"]["postprocessing"]  # CryoSiam's default is then True
     cfg_path.write_text(yaml.safe_dump(cfg))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(__import__("sys").modules, "bioimage_cpp", None)  # as if not installed
     from cryosiam_dask.run.driver import instance_predict
 
-    with pytest.raises(NotSupportedError, match="postprocessing.*False"):
+    with pytest.raises(NotSupportedError, match=r"cryosiam_dask\[multicut\]") as e:
         instance_predict(load_config(cfg_path))
+    assert "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
