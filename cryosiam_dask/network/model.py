@@ -1,4 +1,4 @@
-"""CryoSiam checkpoints -> the instance network (DenseSimSiam backbone + InstanceHeads), loaded safely.
+"""The instance network (DenseSimSiam backbone + InstanceHeads), rebuilt from a checkpoint's hyper-parameters.
 
 The network is rebuilt from the checkpoint's own ``hyper_parameters`` (never from the YAML):
 the backbone from ``hyper_parameters.backbone_config.parameters.network`` and the heads from

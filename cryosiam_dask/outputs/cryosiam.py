@@ -1,4 +1,4 @@
-"""Every output file of ``instance_predict``, written chunk by chunk and atomically.
+"""CryoSiam's own HDF5 files: ``<stem>_instance_preds.h5`` and the raw maps ``<stem>_preds.h5``, by chunks.
 
 CryoSiam writes ``<stem>_instance_preds.h5:/instances``, ``<stem>_instance_regions.csv`` and, optionally,
 ``<stem>_preds.h5`` (raw maps). We write the same files with the same layout (chunked and gzip-compressed
