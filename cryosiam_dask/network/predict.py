@@ -39,11 +39,13 @@ from cryosiam_dask.network.tiling import (
     _segments,
     _window_slices,
     fast_defaults,
+    inference_edges,
+    owned_edges,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["predict_block", "predict_maps", "skipped_fraction"]
+__all__ = ["patch_skip_fraction", "predict_block", "predict_maps", "skipped_fraction"]
 
 
 # --------------------------------------------------------------------------- per-chunk work
@@ -70,7 +72,7 @@ def _assemble_window(
 
 def predict_block(
     window: np.ndarray, model: Any, plan: Plan, chunk_start: ShapeZYX, chunk_shape: ShapeZYX, *,
-    batch_size: int, amp: str | None = None,
+    batch_size: int, amp: str | None = None, mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Run the network over the windows of one chunk's plan and write their kept parts.
 
@@ -85,7 +87,10 @@ def predict_block(
     chunk_start, chunk_shape : (z, y, x) ints
         The output chunk.
     batch_size : int
-        Windows per forward pass (only windows of equal shape are batched).
+        Windows per forward pass (only windows of equal shape and kept range are batched).
+    mask : (Cz, Cy, Cx) ndarray or None
+        Lamella mask of the chunk: a window whose kept part lies wholly outside it is not evaluated (its
+        output would be multiplied by zero).
 
     Returns
     -------
@@ -93,21 +98,21 @@ def predict_block(
         Foreground, distance, boundary over the chunk.
     """
     out = np.zeros((3, *chunk_shape), np.float32)
-    jobs = list(itertools.product(*(pieces for _, _, pieces in plan)))
-    groups: dict[tuple[int, ...], list] = {}
-    for job in jobs:
-        groups.setdefault(tuple(p[1] for p in job), []).append(job)
+    groups: dict[tuple, list] = {}  # (window shape, kept range in the window) -> jobs
+    for job in itertools.product(*(pieces for _, _, pieces in plan)):
+        dst = tuple(slice(lo - a, hi - a) for (_, _, lo, hi), a in zip(job, chunk_start, strict=True))
+        if mask is not None and not np.any(mask[dst]):
+            continue  # patch-level lamella skip
+        kept = tuple((lo - s, hi - s) for (s, _, lo, hi) in job)
+        groups.setdefault((tuple(p[1] for p in job), kept), []).append((job, dst))
     w0 = [ax[0] for ax in plan]
-    for group in groups.values():
+    for (_, kept), group in groups.items():
         for i in range(0, len(group), batch_size):
             batch = group[i:i + batch_size]
-            inputs = np.stack([window[_window_slices(job, w0)] for job in batch])
-            preds = run_network(model, inputs, amp=amp)
-            for job, pred in zip(batch, preds, strict=True):
-                dst = tuple(slice(lo - a, hi - a)
-                            for (_, _, lo, hi), a in zip(job, chunk_start, strict=True))
-                src = tuple(slice(lo - s, hi - s) for (s, _, lo, hi) in job)
-                out[(slice(None), *dst)] = pred[(slice(None), *src)]
+            inputs = np.stack([window[_window_slices(job, w0)] for job, _ in batch])
+            preds = run_network(model, inputs, kept=kept, amp=amp)
+            for (_, dst), pred in zip(batch, preds, strict=True):
+                out[(slice(None), *dst)] = pred
     return out
 
 
@@ -122,7 +127,8 @@ def _chunk_task(blocks, mask, *, checkpoint_path, device, amp, tf32, batch_size,
         set_tf32(tf32)
     model = get_network(checkpoint_path, device)
     window = _assemble_window(blocks, plan, size, shape, norm)
-    out = predict_block(window, model, plan, chunk_start, chunk_shape, batch_size=batch_size, amp=amp)
+    out = predict_block(window, model, plan, chunk_start, chunk_shape, batch_size=batch_size, amp=amp,
+                        mask=None if mask is None else np.asarray(mask))
     return out if mask is None else out * mask
 
 
@@ -141,6 +147,18 @@ def skipped_fraction(mask: da.Array, chunks: tuple[tuple[int, ...], ...] | None 
         mask = mask.rechunk(chunks)
     empty = mask.map_blocks(lambda b: np.array([[[not np.any(b)]]]), chunks=(1, 1, 1), dtype=bool,
                             meta=np.empty((0, 0, 0), bool))
+    return float(empty.mean().compute())
+
+
+def patch_skip_fraction(mask: da.Array, patch: ShapeZYX) -> float:
+    """Fraction of the original's patches (``exact``) whose kept range lies wholly outside the mask.
+
+    They are not evaluated: their output would be multiplied by zero.
+    """
+    grid = tuple(tuple(np.diff(owned_edges(int(n), int(p))).tolist())
+                 for n, p in zip(mask.shape, patch, strict=True))
+    empty = mask.rechunk(grid).map_blocks(lambda b: np.array([[[not np.any(b)]]]), chunks=(1, 1, 1),
+                                          dtype=bool, meta=np.empty((0, 0, 0), bool))
     return float(empty.mean().compute())
 
 
@@ -222,11 +240,15 @@ def predict_maps(
     size = tuple(max(n, p) for n, p in zip(shape, patch, strict=True))
     edges = [np.cumsum((0,) + tuple(c)).tolist() for c in tomogram.chunks]
     blocks = tomogram.to_delayed()
-    masks = None if mask is None else mask.rechunk(tomogram.chunks).to_delayed()
+    # exact: inference blocks on the kept-range grid, so each patch is evaluated once whatever the chunks
+    out_edges = edges if tiling == "fast" else [
+        inference_edges(n, e, p) for n, e, p in zip(shape, edges, patch, strict=True)]
+    out_chunks = tuple(tuple(np.diff(e).tolist()) for e in out_edges)
+    masks = None if mask is None else mask.rechunk(out_chunks).to_delayed()
     task = dask.delayed(_chunk_task, pure=True)
-    nested = np.empty(blocks.shape, object)
-    for idx in np.ndindex(*blocks.shape):
-        bounds = [(e[i], e[i + 1]) for e, i in zip(edges, idx, strict=True)]
+    nested = np.empty(tuple(len(c) for c in out_chunks), object)
+    for idx in np.ndindex(*nested.shape):
+        bounds = [(e[i], e[i + 1]) for e, i in zip(out_edges, idx, strict=True)]
         if tiling == "exact":
             plan = tuple(_exact_axis(a, b, s, p) for (a, b), s, p in zip(bounds, size, patch, strict=True))
         else:
@@ -245,4 +267,6 @@ def predict_maps(
         nested[idx] = da.from_delayed(out, (3, *chunk_shape), dtype=np.float32,
                                       meta=np.empty((0, 0, 0, 0), np.float32))
     maps = da.block(nested.tolist())
+    if out_chunks != tuple(tomogram.chunks):
+        maps = maps.rechunk(((3,), *tomogram.chunks))
     return maps[0], maps[1], maps[2]

@@ -21,11 +21,13 @@ _LOADS = {"count": 0}
 
 
 def _load_network(path: str, device: str) -> Any:
-    """Build the network of a CryoSiam instance checkpoint on `device` (eval mode)."""
+    """The prepared network of a CryoSiam instance checkpoint on `device`: BatchNorm folded, heads fused,
+    ``channels_last_3d``, kept-range forward (:mod:`cryosiam_dask.network.prepared`)."""
     from cryosiam_dask.network.checkpoint import load_checkpoint
     from cryosiam_dask.network.model import build_model
+    from cryosiam_dask.network.prepared import prepare
 
-    return build_model(load_checkpoint(path), device=device)
+    return prepare(build_model(load_checkpoint(path), device=device), channels_last=True)
 
 
 def read_patch_size(path: str) -> ShapeZYX:
@@ -66,36 +68,49 @@ def set_torch_threads() -> None:
         torch.set_num_threads(nthreads)
 
 
-def run_network(model: Any, batch: np.ndarray, *, amp: str | None = None) -> np.ndarray:
-    """Run the network on a batch of windows.
+def run_network(
+    model: Any, batch: np.ndarray, *, kept: tuple[tuple[int, int], ...] | None = None, amp: str | None = None
+) -> np.ndarray:
+    """Run the network on a batch of windows, returning only the kept range.
 
     Parameters
     ----------
     model : torch.nn.Module
-        ``forward(x[B, 1, D, H, W]) -> (foreground, distance, boundary)``, each ``[B, 1, D, H, W]``.
+        A :class:`~cryosiam_dask.network.prepared.PreparedNetwork` (its ``forward_kept`` computes the
+        layers after the encoder on the kept range only), or any module with
+        ``forward(x[B, 1, D, H, W]) -> (foreground, distance, boundary)``, each ``[B, 1, D, H, W]``
+        (the original network: the whole window is computed, then cropped).
     batch : (B, D, H, W) ndarray of float32
         Normalised input windows.
+    kept : ((lo, hi), (lo, hi), (lo, hi)) or None, default None
+        The range of the windows to return, in window coordinates (z, y, x); None: the whole window.
     amp : {None, "bf16", "fp16"}, default None
         Autocast dtype (None: float32 throughout, as the original).
 
     Returns
     -------
-    (B, 3, D, H, W) ndarray of float32
-        Foreground probability, distance, boundary probability.
+    (B, 3, kz, ky, kx) ndarray of float32
+        Foreground probability, distance, boundary probability over `kept`.
     """
     import torch
 
     device = next(model.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)[:, None]).to(device)
+    full = tuple((0, int(n)) for n in batch.shape[1:])
     with torch.inference_mode():
+        if hasattr(model, "forward_kept"):
+            return model.forward_kept(x, kept or full, amp=amp).cpu().numpy()
         if amp is None:
             maps = model(x)
         else:
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-            with torch.autocast(device_type=device.type, dtype=dtype):
+            with torch.autocast(device_type=device.type, dtype=_AMP[amp](torch)):
                 maps = model(x)
         out = torch.cat([m.float() for m in maps], dim=1)
-    return out.cpu().numpy()
+    crop = tuple(slice(lo, hi) for lo, hi in (kept or full))
+    return out[(slice(None), slice(None), *crop)].cpu().numpy()
+
+
+_AMP = {"bf16": lambda torch: torch.bfloat16, "fp16": lambda torch: torch.float16}
 
 
 def set_tf32(allow: bool) -> None:

@@ -8,9 +8,11 @@ the plans.
 ``exact``
     The windows are the original's patches (spec §4): starts at multiples of p/2, each patch keeps its
     centre-crop range and, where ranges overlap at the far end, the patch with the largest start wins (the
-    original's later-write-wins rule). The maps equal ``inference.predict_whole`` for any chunking. A patch
-    that owns voxels of k chunks is evaluated k times; chunk borders on the kept-range grid (``k·p/2 + p/4``)
-    evaluate every patch once (:func:`exact_patch_evaluations` counts them).
+    original's later-write-wins rule). The maps equal ``reference.predict_whole`` for any chunking. The
+    network runs on inference blocks whose edges sit on the kept-range grid (:func:`inference_edges`, each
+    storage chunk edge snapped to the nearest ``k·p/2 + p/4``), so every patch is evaluated exactly once
+    whatever the storage chunking (:func:`exact_patch_evaluations`); the maps are rechunked to the storage
+    chunks after.
 ``fast``
     Each chunk is split into cores of at most ``window - 2·margin`` voxels per axis; each core is evaluated
     once with ``margin`` voxels of context on each side, its window start rounded down to a multiple of 8
@@ -27,7 +29,8 @@ import numpy as np
 
 from cryosiam_dask._types import ShapeZYX
 
-__all__ = ["STRIDE", "Plan", "exact_patch_evaluations", "fast_defaults", "kept_ranges"]
+__all__ = ["STRIDE", "Plan", "exact_patch_evaluations", "fast_defaults", "inference_edges", "kept_ranges",
+           "owned_edges"]
 
 STRIDE = 8
 """Total down-sampling of the network (res5 is at 1/8): fast windows start and end on multiples of it."""
@@ -124,13 +127,41 @@ def _fast_axis(
     return min(p[0] for p in pieces), max(p[0] + p[1] for p in pieces), pieces
 
 
+def owned_edges(n: int, patch: int) -> list[int]:
+    """Edges of the original's owned (kept) ranges along an axis of `n` voxels, clipped to ``[0, n]``."""
+    edges = sorted({min(lo, n) for _, lo, _ in _owned_ranges(max(n, patch), patch)} | {n})
+    return [e for e in edges if e <= n]
+
+
+def inference_edges(n: int, chunk_edges: list[int], patch: int) -> list[int]:
+    """Inference-block edges of the ``exact`` tiling along one axis: each chunk edge snapped to the nearest
+    owned-range edge, so that every patch writes into exactly one block (and is evaluated once).
+
+    Parameters
+    ----------
+    n : int
+        Axis length.
+    chunk_edges : list of int
+        The storage chunks' edges, ``0 .. n``.
+    patch : int
+        Patch edge.
+    """
+    grid = np.asarray(owned_edges(n, patch))
+    snapped = {0, n} | {int(grid[np.argmin(np.abs(grid - e))]) for e in chunk_edges}
+    return sorted(snapped)
+
+
 def exact_patch_evaluations(
     shape: ShapeZYX, chunks: tuple[tuple[int, ...], ...], patch: ShapeZYX
 ) -> tuple[int, int]:
-    """Patch evaluations of the ``exact`` tiling for `chunks`, and the number of distinct kept patches."""
+    """Patch evaluations of the ``exact`` tiling for storage `chunks`, and the number of distinct patches.
+
+    The inference blocks sit on the owned-range grid (:func:`inference_edges`), so the two are equal for any
+    chunking.
+    """
     per_axis = []
     for n, c, p in zip(shape, chunks, patch, strict=True):
-        edges = np.cumsum((0,) + tuple(c))
+        edges = inference_edges(n, np.cumsum((0,) + tuple(c)).tolist(), p)
         size = max(n, p)
         per_axis.append([len(_exact_axis(int(a), int(b), size, p)[2]) for a, b in itertools.pairwise(edges)])
     total = sum(int(np.prod(k)) for k in itertools.product(*per_axis))
