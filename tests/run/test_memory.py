@@ -25,6 +25,7 @@ FRACTION = 0.5
 """Of the extra volume's float32 bytes: a worker holding even half a float32 copy of the volume fails."""
 X1 = (32, 64, 128)
 X4 = (32, 128, 256)
+X16 = (32, 256, 512)
 CHUNKS = (32, 64, 64)
 
 
@@ -48,8 +49,8 @@ def _run_case(folder: Path, shape: tuple[int, int, int], chunks: tuple[int, int,
     return _spawn(spec)
 
 
-def _allowed_mib() -> float:
-    extra_mib = 4 * (X4[0] * X4[1] * X4[2] - X1[0] * X1[1] * X1[2]) / 2**20
+def _allowed_mib(shape: tuple[int, int, int] = X4) -> float:
+    extra_mib = 4 * (shape[0] * shape[1] * shape[2] - X1[0] * X1[1] * X1[2]) / 2**20
     return SLACK_MIB + FRACTION * extra_mib
 
 
@@ -73,9 +74,13 @@ def test_worker_peak_rss_does_not_grow_with_the_tomogram(tmp_path: Path, x1_run:
 
 @pytest.mark.slow
 def test_bound_fails_when_the_chunk_is_the_whole_tomogram(tmp_path: Path, x1_run: dict) -> None:
-    """The same bound, x4 with chunk = whole volume: the worker's peak follows the volume and breaks it."""
-    r4 = _run_case(tmp_path, X4, X4)
-    growth = r4["peak_worker_MiB"] - x1_run["peak_worker_MiB"]
-    assert growth > _allowed_mib(), (
-        f"chunk = volume: growth {growth:.1f} MiB should exceed {_allowed_mib():.1f}"
+    """The same bound, x16 with chunk = whole volume: the worker's peak follows the volume and breaks it.
+
+    x16, not x4: since the network computes its heads on the kept range only, a 1 M-voxel whole-volume chunk
+    (x4) grows the worker by only 14-40 MiB, inside the noise; 4 M voxels hold ~16 MiB per float32 map.
+    """
+    r16 = _run_case(tmp_path, X16, X16)
+    growth = r16["peak_worker_MiB"] - x1_run["peak_worker_MiB"]
+    assert growth > _allowed_mib(X16), (
+        f"chunk = volume: growth {growth:.1f} MiB should exceed {_allowed_mib(X16):.1f}"
     )
