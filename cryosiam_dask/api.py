@@ -142,11 +142,10 @@ def segment(
             halo=halo,
         )
         if postprocessing and boundary_bias != 1:
-            from cryosiam_dask.instances.multicut import check_multicut_available, multicut_chunked
+            from cryosiam_dask.instances.multicut import multicut_chunked
 
             if boundary is None:
                 raise ParameterError("boundary", "is needed by the multicut (postprocessing=True)")
-            check_multicut_available()
             bnd = boundary if isinstance(boundary, da.Array) else da.from_array(boundary, chunks=fg.chunks)
             labels, _ = multicut_chunked(labels.persist(), bnd, boundary_bias=boundary_bias)
     except ParameterError as e:

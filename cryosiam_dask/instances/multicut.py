@@ -206,6 +206,7 @@ def multicut_postprocess(
     ws_labels = np.asarray(ws_labels)
     if boundary_bias == 1:
         return ws_labels.astype(np.uint32, copy=False)
+    check_multicut_available()  # one line naming the extra, before the bilateral filter runs
     smoothed = bilateral_filter(np.asarray(boundaries))
     u, v, sums, counts = edge_stats(ws_labels, smoothed)
     n_nodes = int(ws_labels.max()) + 1
@@ -257,6 +258,7 @@ def multicut_chunked(
     """
     if boundary_bias == 1:
         return labels, -1
+    check_multicut_available()  # before any chunk is smoothed
     boundary = boundary.rechunk(labels.chunks)
     shape = tuple(int(s) for s in labels.shape)
     r = bilateral_reach(domain_sigma)

@@ -90,10 +90,9 @@ def instance_segmentation(
     )[0]
     labels = labels.astype(np.uint32)
     if postprocessing and boundary_bias != 1:
-        from cryosiam_dask.instances.multicut import check_multicut_available, multicut_postprocess
+        from cryosiam_dask.instances.multicut import multicut_postprocess
 
         if boundary is None:
             raise ParameterError("boundary", "is needed by the multicut (postprocessing=True)")
-        check_multicut_available()
         labels = multicut_postprocess(labels, np.asarray(boundary), boundary_bias=boundary_bias)
     return labels

@@ -61,7 +61,7 @@ def acquire_lock(folder: Path, stem: str) -> Path:
     owner = _owner(path)
     if owner.exists():  # the last holder died without releasing: the OS freed the lock, its note stayed
         logger.warning("%s: taking over the stale lock of process %s (no longer running)", path,
-                       owner.read_text().split()[:1])
+                       (owner.read_text().split() or ["?"])[0])
     owner.write_text(f"{os.getpid()} {socket.gethostname()}\n")
     _HELD[path] = lock
     return path
