@@ -52,7 +52,7 @@ def predict(
     tomogram: Any,
     checkpoint: str | os.PathLike,
     *,
-    tiling: str = "fast",
+    tiling: str = "exact",
     data: tuple[float, float, float | None, float | None] = (0.0, 1.0, 0.0, 1.0),
     batch_size: int = 2,
     mask: Any = None,
@@ -66,7 +66,7 @@ def predict(
     tomogram : path, zarr array, numpy array or dask array, (Z, Y, X)
     checkpoint : path
         CryoSiam instance checkpoint.
-    tiling : {"fast", "exact"}, default "fast"
+    tiling : {"fast", "exact"}, default "exact"
     data : (min, max, mean, std), default (0, 1, 0, 1)
         CryoSiam's ``parameters.data``.
     batch_size : int, default 2

@@ -117,8 +117,8 @@ class DaskSettings(_Model):
     """(z, y, x) voxels per chunk, default (128, 256, 256): 32 MiB of float32, several network patches."""
     halo: Annotated[int, Strict(), Field(ge=0)] = 32
     """Voxels of context around each chunk for the instance step, default 32: whole particles fit in it."""
-    tiling: Literal["fast", "exact"] = "fast"
-    """'fast' (default): big windows, each voxel computed 1.5-3.4x (not ~8x); 'exact': CryoSiam's tiling."""
+    tiling: Literal["fast", "exact"] = "exact"
+    """'exact' (default): CryoSiam's tiling and maps, each patch once; 'fast': big windows, maps differ a little."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (default): CUDA when torch sees a GPU, else CPU."""
     scheduler_address: str | None = None

@@ -183,7 +183,7 @@ def _validate(tomogram, checkpoint_path, tiling, data, batch_size, mask, device,
 
 
 def predict_maps(
-    tomogram: da.Array, checkpoint_path: str | Path, *, tiling: str = "fast",
+    tomogram: da.Array, checkpoint_path: str | Path, *, tiling: str = "exact",
     data: tuple[float, float, float | None, float | None] = (0.0, 1.0, 0.0, 1.0), batch_size: int = 2,
     mask: da.Array | None = None, device: str = "cpu", amp: str | None = None,
     margin: int | None = None, window: int | None = None, patch_size: ShapeZYX | None = None,
@@ -196,7 +196,7 @@ def predict_maps(
         Raw tomogram (any real dtype); its chunks are the output chunks.
     checkpoint_path : str or Path
         CryoSiam instance checkpoint; each worker process loads it once (:func:`get_network`).
-    tiling : {"fast", "exact"}, default "fast"
+    tiling : {"fast", "exact"}, default "exact"
         ``exact`` equals :func:`predict_whole` for any chunking; ``fast`` computes each voxel about once.
     data : (min, max, mean, std), default (0, 1, 0, 1)
         ``parameters.data``; a None mean or std is the volume's own (:func:`volume_stats`, computed now).

@@ -296,6 +296,7 @@ def write_checkpoint(
     patch_size: int | list[int] = 32,
     seed: int = 0,
     engineered: bool = False,
+    random_part: float = 0.0,
     extras: bool = False,
 ) -> Path:
     """Write a CryoSiam-layout instance checkpoint.
@@ -316,6 +317,13 @@ def write_checkpoint(
     engineered : bool, default False
         Weights that segment bright smooth particles on a dark [0, 1] background (see ``_engineer``);
         otherwise seeded random weights with plausible BatchNorm statistics.
+    random_part : float, default 0.0
+        With `engineered`: the encoder's deeper layers (layer2-4, 1/2 to 1/8 resolution, wide receptive
+        field) get the whole seeded random initialisation, and every other weight and bias this fraction of
+        it (BatchNorms stay the identity), so the deep features reach the maps at about this scale. The maps
+        then still find the particles but depend on every layer and on the patch's zero padding, as a
+        trained network's do (engineered weights alone depend on a small neighbourhood only, so every tiling
+        gives the same maps).
     extras : bool, default False
         Also write Lightning's ``loops``, ``callbacks``, ``optimizer_states``, ``lr_schedulers`` (with a bound
         method in the scheduler state, as torch 2.1 wrote it: such files need the restricted unpickler) and
@@ -342,7 +350,16 @@ def write_checkpoint(
         _randomise_norms(backbone, gen)
         _randomise_norms(heads, gen)
         if engineered:
+            noise = [p.detach().clone() for p in (*backbone.parameters(), *heads.parameters())]
             _engineer(backbone, heads)
+            if random_part:
+                norms = {id(p) for m in (*backbone.modules(), *heads.modules())
+                         if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+                enc = backbone.encoder
+                deep = {id(p) for layer in (enc.layer2, enc.layer3, enc.layer4) for p in layer.parameters()}
+                for p, r in zip((*backbone.parameters(), *heads.parameters()), noise, strict=True):
+                    if id(p) not in norms:
+                        p.add_(r if id(p) in deep else random_part * r)
     state_dict = {f"_model_backbone.{k}": v.clone() for k, v in backbone.state_dict().items()}
     state_dict |= {f"_model.{k}": v.clone() for k, v in heads.state_dict().items()}
     hparams: dict[str, Any] = _hyper_parameters(backbone_net, heads_net, patch)

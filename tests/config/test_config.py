@@ -223,7 +223,7 @@ def test_dask_section_and_empty_section(tmp_path, project):
 
 def test_dask_defaults():
     s = DaskSettings()
-    assert s.chunk_size == (128, 256, 256) and s.halo == 32 and s.tiling == "fast" and s.device == "auto"
+    assert s.chunk_size == (128, 256, 256) and s.halo == 32 and s.tiling == "exact" and s.device == "auto"
     assert s.dashboard_address == "127.0.0.1:8787" and s.output_formats == ["cryosiam", "ome-zarr"]
     assert s.scheduler_address is None and s.amp is None and s.memory_limit == "auto"
 
