@@ -32,6 +32,37 @@ def get_ndimage(a: Any) -> ModuleType:
     return ndi
 
 
+def require_gpu() -> None:
+    """Import cupy and cuCIM, or raise ImportError with one line naming the ``gpu`` extra.
+
+    A run with ``device: cuda`` calls this before any work, so that a missing package is not found by a
+    worker halfway through the run (there is no silent CPU fallback).
+    """
+    missing = []
+    for name in ("cupy", "cucim"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ImportError(f"device 'cuda' needs {' and '.join(missing)}: {GPU_HINT}")
+
+
+def to_device(a: Any, device: str) -> Any:
+    """`a` on the device: a cupy array for ``"cuda"`` (one host-to-device copy), unchanged for ``"cpu"``.
+
+    Parameters
+    ----------
+    a : numpy.ndarray or cupy.ndarray
+    device : {"cpu", "cuda"}
+    """
+    if device != "cuda" or is_cupy(a):
+        return a
+    import cupy
+
+    return cupy.asarray(a)
+
+
 def to_numpy(a: Any) -> np.ndarray:
     """Return `a` as a numpy array (a device-to-host copy for cupy)."""
     return a.get() if is_cupy(a) else np.asarray(a)

@@ -17,7 +17,7 @@ from cryosiam_dask.instances.block import (
     segment_block,
 )
 from cryosiam_dask.instances.reference import from_original_kwargs, instance_segmentation
-from cryosiam_dask.instances.watershed import flood_watershed, seeded_watershed
+from cryosiam_dask.instances.watershed import FloodNotConverged, flood_watershed, seeded_watershed
 
 SETTINGS = [
     "a_default",
@@ -230,6 +230,44 @@ def test_seeded_watershed_numpy_is_skimage_with_ties():
     np.testing.assert_array_equal(
         seeded_watershed(image, markers, mask), watershed(image, markers, mask=mask, connectivity=1)
     )
+
+
+def _tie_heavy(seed):
+    rng = np.random.default_rng(seed)
+    shape = (8, 12, 12)
+    image = rng.integers(0, 3, shape).astype(np.float64)  # three levels: plateaus everywhere
+    mask = rng.random(shape) < 0.9
+    markers = np.zeros(shape, np.int64)
+    markers.flat[rng.choice(image.size, 4, replace=False)] = np.arange(1, 5)
+    return image, markers, mask
+
+
+def test_flood_watershed_is_bounded_and_not_skimage_on_ties():
+    """Why the default floods with skimage: on plateaus the flood differs or does not settle (bounded)."""
+    outcomes = []
+    for seed in range(6):
+        image, markers, mask = _tie_heavy(seed)
+        expected = watershed(image, markers, mask=mask, connectivity=1)
+        try:
+            flood = flood_watershed(image, markers, mask, max_passes=200)
+            outcomes.append(bool(np.array_equal(flood, expected)))
+        except FloodNotConverged:
+            outcomes.append(None)
+        np.testing.assert_array_equal(seeded_watershed(image, markers, mask), expected)  # the default
+    assert outcomes.count(True) < len(outcomes)
+    with pytest.raises(FloodNotConverged, match="did not settle in 1 passes"):
+        flood_watershed(*_tie_heavy(0), max_passes=1)
+
+
+def test_seeded_watershed_methods():
+    image, markers, mask = _tie_heavy(1)
+    rng = np.random.default_rng(3)
+    smooth = rng.random(image.shape)  # tie-free: both methods agree
+    np.testing.assert_array_equal(
+        seeded_watershed(smooth, markers, mask, method="flood"), seeded_watershed(smooth, markers, mask)
+    )
+    with pytest.raises(ValueError, match="method must be"):
+        seeded_watershed(image, markers, mask, method="fastest")
 
 
 @pytest.mark.gpu
