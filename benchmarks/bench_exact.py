@@ -8,7 +8,7 @@ network's do). Rows per lamella case:
 - ``baseline``: :func:`~cryosiam_dask.network.reference.predict_whole` in this process, the network in
   ``channels_last_3d`` (flattered as a user of the original could), maps × mask;
 - ``exact`` at each ``--chunkings`` (``whole`` = one chunk) on a process LocalCluster;
-- ``fast`` at the first non-whole chunking.
+- ``fast`` at ``--fast-chunks`` (default the last chunking).
 
 Columns: wall and network time, output voxels/s, speed-up and wall ratio vs the baseline, peak RSS of the
 largest process and of all processes together (and their ratios), max-abs of each map vs the baseline, and the
@@ -147,9 +147,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--shape", type=int, nargs=3, default=[160, 128, 128], metavar=("Z", "Y", "X"))
     p.add_argument("--lamella", type=float, nargs="+", default=[0.7, 0.3], help="fractions of z")
     p.add_argument("--chunkings", nargs="+", default=["whole", "32,64,64", "80,128,128"],
-                   help="'whole' or z,y,x edges; fast runs at the first non-whole one")
+                   help="'whole' or z,y,x edges")
+    p.add_argument("--fast-chunks", default=None,
+                   help="chunking of the fast run (default: the last chunking; fast's windows are the "
+                   "chunk plus its margin, up to fast_window, so small chunks recompute more)")
     p.add_argument("--random-part", type=float, default=0.05)
-    p.add_argument("--patch", type=int, default=64)
+    p.add_argument("--arch", choices=["real", "tiny"], default="real", help="tiny: a smoke test")
+    p.add_argument("--patch", type=int, default=None, help="default 64 (real), 32 (tiny)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--all-runs", action="store_true",
@@ -168,10 +172,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from cryosiam_dask.testing.synthetic import make_tomogram
 
     shape = tuple(args.shape)
+    args.patch = args.patch or (64 if args.arch == "real" else 32)
     chunkings = [parse_chunks(c, shape) for c in args.chunkings]
     split = next((c for c in chunkings if c != shape), chunkings[0])
+    fast_chunks = parse_chunks(args.fast_chunks, shape) if args.fast_chunks else chunkings[-1]
     config = {"shape": shape, "voxels": int(np.prod(shape)), "lamella": args.lamella,
-              "chunkings": chunkings, "arch": "real", "patch": args.patch, "random_part": args.random_part,
+              "chunkings": chunkings, "arch": args.arch, "patch": args.patch, "random_part": args.random_part,
               "batch_size": args.batch_size, "workers": args.workers, "threads_per_worker": 1,
               "baseline": "predict_whole, channels_last_3d, torch default threads", "post": POST}
     n = int(np.prod(shape))
@@ -179,8 +185,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     volume = volume.astype(np.float32)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = write_checkpoint(Path(tmp) / f"real_p{args.patch}.ckpt", arch="real", patch_size=args.patch,
-                                engineered=True, random_part=args.random_part)
+        ckpt = write_checkpoint(Path(tmp) / f"{args.arch}_p{args.patch}.ckpt", arch=args.arch,
+                                patch_size=args.patch, engineered=True, random_part=args.random_part)
         environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
         environ.pop("MALLOC_TRIM_THRESHOLD_", None)  # see bench_inference: it makes torch page-fault
         whole, whole_maps = run_baseline(volume, ckpt, args.batch_size)
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             ref_labels = instances(ref)
             base["instances"] = int(ref_labels.max())
             case_rows = [base]
-            runs = [("exact", c) for c in chunkings] + [("fast", split)]
+            runs = [("exact", c) for c in chunkings] + [("fast", fast_chunks)]
             if case and not args.all_runs:
                 runs = [("exact", split)]
             with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), LocalCluster(
