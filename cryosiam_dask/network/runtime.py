@@ -1,9 +1,27 @@
-"""The network inside a worker: loaded once per process, torch threads and TF32, one batched forward pass."""
+"""The network inside a worker: loaded once per process, torch threads, CUDA flags, batched forward passes.
+
+CPU and CUDA share the code; what only CUDA does is kept in small functions:
+
+- :func:`configure_cuda` (called through :func:`set_tf32` by every CUDA task): cuDNN autotuning
+  (``cudnn.benchmark``: the window shapes of a run are few and fixed, so each is tuned once per process) and
+  TF32 off for ``exact`` (cuDNN convolutions and cuBLAS matmuls in true float32). :func:`cuda_flags` says what
+  it sets without importing torch.
+- :func:`run_network`: on CUDA the batch is copied into pinned (page-locked) host memory and sent with a
+  non-blocking copy; on CPU the numpy batch is used in place, as before.
+- :func:`run_network_batches`: a stream of batches with the upload of batch ``i + 1`` (on a copy stream) and
+  the host work that makes it overlapping the forward pass of batch ``i``; on CPU it is :func:`run_network`
+  in a loop.
+
+``channels_last_3d`` weights and activations come from :func:`~cryosiam_dask.network.prepared.prepare`;
+``amp`` (bf16/fp16 autocast) from the caller.
+"""
 
 from __future__ import annotations
 
 import logging
+import operator
 import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +31,17 @@ from cryosiam_dask._types import ShapeZYX
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cache_info", "get_network", "read_patch_size", "run_network", "set_tf32", "set_torch_threads"]
+__all__ = [
+    "cache_info",
+    "configure_cuda",
+    "cuda_flags",
+    "get_network",
+    "read_patch_size",
+    "run_network",
+    "run_network_batches",
+    "set_tf32",
+    "set_torch_threads",
+]
 
 _CACHE: dict[tuple[str, int, str], Any] = {}
 _LOCK = threading.Lock()
@@ -68,6 +96,39 @@ def set_torch_threads() -> None:
         torch.set_num_threads(nthreads)
 
 
+def _as_input(batch: np.ndarray, device: Any) -> Any:
+    """The (B, D, H, W) batch as a (B, 1, D, H, W) float32 tensor on `device`.
+
+    CPU: the numpy memory itself (no copy for a C-contiguous float32 batch). CUDA: a copy in pinned host
+    memory (torch's caching host allocator, reused across calls) sent with ``non_blocking=True`` on the
+    current stream.
+    """
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)[:, None])
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def _forward(model: Any, x: Any, kept: tuple[tuple[int, int], ...] | None, amp: str | None) -> Any:
+    """(B, 3, kz, ky, kx) float32 maps over `kept` of a (B, 1, D, H, W) input tensor, on its device."""
+    import torch
+
+    full = tuple((0, int(n)) for n in x.shape[2:])
+    with torch.inference_mode():
+        if hasattr(model, "forward_kept"):
+            return model.forward_kept(x, kept or full, amp=amp)
+        if amp is None:
+            maps = model(x)
+        else:
+            with torch.autocast(device_type=x.device.type, dtype=_AMP[amp](torch)):
+                maps = model(x)
+        out = torch.cat([m.float() for m in maps], dim=1)
+    crop = tuple(slice(lo, hi) for lo, hi in (kept or full))
+    return out[(slice(None), slice(None), *crop)]
+
+
 def run_network(
     model: Any, batch: np.ndarray, *, kept: tuple[tuple[int, int], ...] | None = None, amp: str | None = None
 ) -> np.ndarray:
@@ -91,32 +152,155 @@ def run_network(
     -------
     (B, 3, kz, ky, kx) ndarray of float32
         Foreground probability, distance, boundary probability over `kept`.
+
+    Notes
+    -----
+    On CUDA the batch goes through pinned host memory with a non-blocking copy; the result is copied back
+    synchronously. See :func:`run_network_batches` to overlap the copies of successive batches with compute.
     """
+    x = _as_input(batch, _device_of(model))
+    return _forward(model, x, kept, amp).cpu().numpy()
+
+
+def _device_of(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+_COPY_STREAMS = threading.local()
+
+
+def _copy_stream(device: Any) -> Any:
+    """This thread's side stream for host-to-device copies on `device` (created once)."""
     import torch
 
-    device = next(model.parameters()).device
-    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)[:, None]).to(device)
-    full = tuple((0, int(n)) for n in batch.shape[1:])
-    with torch.inference_mode():
-        if hasattr(model, "forward_kept"):
-            return model.forward_kept(x, kept or full, amp=amp).cpu().numpy()
-        if amp is None:
-            maps = model(x)
-        else:
-            with torch.autocast(device_type=device.type, dtype=_AMP[amp](torch)):
-                maps = model(x)
-        out = torch.cat([m.float() for m in maps], dim=1)
-    crop = tuple(slice(lo, hi) for lo, hi in (kept or full))
-    return out[(slice(None), slice(None), *crop)].cpu().numpy()
+    streams = _COPY_STREAMS.__dict__.setdefault("streams", {})
+    key = (device.type, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in streams:
+        streams[key] = torch.cuda.Stream(device=device)
+    return streams[key]
+
+
+def run_network_batches(
+    model: Any, batches: Iterable[np.ndarray], *, kept: tuple[tuple[int, int], ...] | None = None,
+    amp: str | None = None,
+) -> Iterator[np.ndarray]:
+    """:func:`run_network` over a stream of batches of one window shape and kept range, pipelined on CUDA.
+
+    Parameters
+    ----------
+    model, kept, amp
+        As in :func:`run_network`.
+    batches : iterable of (B, D, H, W) ndarray of float32
+        Consumed lazily: batch ``i + 1`` is taken from the iterable (its host work, e.g. ``np.stack`` of
+        windows, runs then) and uploaded while the GPU computes batch ``i``.
+
+    Yields
+    ------
+    (B, 3, kz, ky, kx) ndarray of float32
+        One result per batch, in order, equal to ``run_network(model, batch, kept=kept, amp=amp)``.
+
+    Notes
+    -----
+    CUDA: each batch is copied to pinned host memory and uploaded with a non-blocking copy on a side stream
+    (one per thread and device); the compute stream waits on an event for it, so the copy of ``i + 1``
+    overlaps the forward pass of ``i``. The result of ``i`` is copied back when it is yielded. CPU: plain
+    :func:`run_network` per batch (same results, nothing to overlap).
+    """
+    device = _device_of(model)
+    if device.type != "cuda":
+        for batch in batches:
+            yield run_network(model, batch, kept=kept, amp=amp)
+        return
+    import torch
+
+    compute = torch.cuda.current_stream(device)
+    copy = _copy_stream(device)
+
+    def upload(batch: np.ndarray) -> tuple[Any, Any]:
+        host = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)[:, None]).pin_memory()
+        with torch.cuda.stream(copy):
+            x = host.to(device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(copy)
+        return x, ready
+
+    items = iter(batches)
+    first = next(items, None)
+    staged = None if first is None else upload(first)
+    while staged is not None:
+        x, ready = staged
+        compute.wait_event(ready)
+        x.record_stream(compute)  # allocated on the copy stream, used on the compute stream
+        out = _forward(model, x, kept, amp)  # enqueued: the host goes on at once
+        following = next(items, None)
+        staged = None if following is None else upload(following)
+        yield out.cpu().numpy()
 
 
 _AMP = {"bf16": lambda torch: torch.bfloat16, "fp16": lambda torch: torch.float16}
 
 
-def set_tf32(allow: bool) -> None:
-    """TF32 convolutions and matmuls on or off in this process (off for ``exact``: TF32 differs by ~1e-3)."""
-    import torch
+def cuda_flags(*, tf32: bool, benchmark: bool = True) -> dict[str, bool]:
+    """The ``torch.backends`` flags that :func:`configure_cuda` sets (no torch import).
 
-    torch.backends.cudnn.allow_tf32 = allow  # torch's default is True for convolutions
-    if not allow:
-        torch.backends.cuda.matmul.allow_tf32 = False
+    Parameters
+    ----------
+    tf32 : bool
+        Allow TF32 in cuDNN convolutions (``fast``); False (``exact``) also switches it off for cuBLAS
+        matmuls. TF32 keeps 10 mantissa bits: maps then differ from float32 ones by ~1e-3.
+    benchmark : bool, default True
+        cuDNN autotuning: the first call of each input shape times the convolution algorithms and keeps the
+        fastest. A run has a handful of window shapes (one per kept range and batch size), each reused over
+        every chunk, so the tuning is paid a few times per worker.
+
+    Returns
+    -------
+    dict
+        ``{"cudnn.benchmark": ..., "cudnn.allow_tf32": ..., ["cuda.matmul.allow_tf32": False]}``, attribute
+        paths under ``torch.backends``.
+    """
+    flags = {"cudnn.benchmark": bool(benchmark), "cudnn.allow_tf32": bool(tf32)}
+    if not tf32:
+        flags["cuda.matmul.allow_tf32"] = False  # torch's default already; set against a changed process
+    return flags
+
+
+def configure_cuda(*, tf32: bool, benchmark: bool = True, backends: Any = None) -> dict[str, bool]:
+    """Set the CUDA inference flags of :func:`cuda_flags` in this process; return what was set.
+
+    Parameters
+    ----------
+    tf32, benchmark : bool
+        See :func:`cuda_flags`.
+    backends : object, optional
+        Where to set them (default ``torch.backends``); tests pass a stand-in namespace.
+
+    Returns
+    -------
+    dict
+        The flags applied, as :func:`cuda_flags` returns them.
+
+    Notes
+    -----
+    Only CUDA tasks call this (the flags do nothing on CPU, and CPU runs leave torch's defaults alone). It
+    uses torch's long-standing ``allow_tf32`` flags, not the ``fp32_precision`` ones of torch >= 2.9: mixing
+    the two raises when a flag is read, so one process must use one of them.
+    """
+    if backends is None:
+        import torch
+
+        backends = torch.backends
+    flags = cuda_flags(tf32=tf32, benchmark=benchmark)
+    for path, value in flags.items():
+        owner, attr = path.rsplit(".", 1)
+        setattr(operator.attrgetter(owner)(backends), attr, value)
+    return flags
+
+
+def set_tf32(allow: bool) -> dict[str, bool]:
+    """Prepare a CUDA worker for a task: TF32 on (``fast``) or off (``exact``), cuDNN autotuning on.
+
+    Called by every CUDA task of :mod:`cryosiam_dask.network.predict` (never on CPU); see
+    :func:`configure_cuda`. Returns the flags applied.
+    """
+    return configure_cuda(tf32=allow)
