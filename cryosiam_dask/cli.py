@@ -109,7 +109,7 @@ def instance_predict(
         int | None, typer.Option("--halo", help="Context voxels for the instance step (default 32).")
     ] = None,
     tiling: Annotated[
-        str | None, typer.Option("--tiling", help="fast, or exact: CryoSiam's tiling (default fast).")
+        str | None, typer.Option("--tiling", help="exact (default): CryoSiam's tiling; or fast.")
     ] = None,
     device: DeviceOpt = None,
     scheduler_address: Annotated[

@@ -26,7 +26,7 @@ from cryosiam_dask.network.normalize import normalize_block, volume_stats
 from cryosiam_dask.network.runtime import (
     get_network,
     read_patch_size,
-    run_network,
+    run_network_batches,
     set_tf32,
     set_torch_threads,
 )
@@ -81,7 +81,7 @@ def predict_block(
     window : (Wz, Wy, Wx) ndarray of float32
         Normalised input covering every window of the plan (origin at the plan's window starts).
     model : torch.nn.Module
-        See :func:`run_network`.
+        See :func:`~cryosiam_dask.network.runtime.run_network`.
     plan : per-axis plan
         ``(w0, w1, [(start, length, lo, hi), ...])`` per axis, volume coordinates.
     chunk_start, chunk_shape : (z, y, x) ints
@@ -107,10 +107,10 @@ def predict_block(
         groups.setdefault((tuple(p[1] for p in job), kept), []).append((job, dst))
     w0 = [ax[0] for ax in plan]
     for (_, kept), group in groups.items():
-        for i in range(0, len(group), batch_size):
-            batch = group[i:i + batch_size]
-            inputs = np.stack([window[_window_slices(job, w0)] for job, _ in batch])
-            preds = run_network(model, inputs, kept=kept, amp=amp)
+        batches = [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+        inputs = (np.stack([window[_window_slices(job, w0)] for job, _ in b]) for b in batches)
+        # on CUDA the upload of batch i + 1 overlaps the forward pass of batch i
+        for batch, preds in zip(batches, run_network_batches(model, inputs, kept=kept, amp=amp), strict=True):
             for (_, dst), pred in zip(batch, preds, strict=True):
                 out[(slice(None), *dst)] = pred
     return out

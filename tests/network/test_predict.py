@@ -229,7 +229,7 @@ def test_predict_maps_rejects_bad_input(standin, tmp_path):
     with pytest.raises(ConfigError, match=r"mask is \(8, 8, 9\)"):
         predict.predict_maps(tomogram, path, mask=da.zeros((8, 8, 9), np.int8))
     with pytest.raises(ConfigError, match="margin"):
-        predict.predict_maps(tomogram, path, margin=16, window=32)
+        predict.predict_maps(tomogram, path, tiling="fast", margin=16, window=32)
 
 
 def test_null_mean_std_use_volume_statistics(standin):
