@@ -102,15 +102,22 @@ def write_particle_mrc(
     return path, total
 
 
-def write_mask_chunked(path: Path, shape: tuple[int, int, int], *, chunks: tuple[int, int, int]) -> Path:
+def write_mask_chunked(
+    path: Path, shape: tuple[int, int, int], *, chunks: tuple[int, int, int], fraction: float | None = None
+) -> Path:
     """Write a full-size lamella mask (dataset ``labels``, uint8, gzip, chunked) slab by slab with h5py.
 
-    The lamella is z in [Z/16, Z - Z/16): about 12 % of the volume is outside it, like a real lamella's
-    margins, so a few chunks skip the network.
+    Default: the lamella is z in [Z/16, Z - Z/16), about 12 % of the volume outside it, like a real
+    lamella's margins, so a few chunks skip the network. `fraction`: a central slab of that fraction of z
+    (a small one makes the network run on a small part while every other stage handles the whole volume).
     """
     import h5py
 
-    lo, hi = shape[0] // 16, shape[0] - shape[0] // 16
+    if fraction is None:
+        lo, hi = shape[0] // 16, shape[0] - shape[0] // 16
+    else:
+        lo = int(round(shape[0] * (1 - fraction) / 2))
+        hi = lo + max(1, int(round(shape[0] * fraction)))
     h5_chunks = tuple(min(c, s) for c, s in zip(chunks, shape, strict=True))
     with h5py.File(path, "w") as f:
         ds = f.create_dataset("labels", shape=shape, dtype=np.uint8, chunks=h5_chunks, compression="gzip")
@@ -132,6 +139,7 @@ def make_case(
     output_formats: list[str],
     patch_size: int = 32,
     seed: int = 0,
+    lamella: float | None = None,
 ) -> tuple[Path, int]:
     """Write tomogram, mask, checkpoint and config for ``shape`` in ``folder``; return (config, particles)."""
     import yaml
@@ -142,7 +150,7 @@ def make_case(
     for sub in ("data", "lamella", "model"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     _, n_particles = write_particle_mrc(folder / "data" / f"{STEM}.mrc", shape, seed=seed)
-    write_mask_chunked(folder / "lamella" / f"{STEM}_preds.h5", shape, chunks=chunks)
+    write_mask_chunked(folder / "lamella" / f"{STEM}_preds.h5", shape, chunks=chunks, fraction=lamella)
     ckpt = folder / "model" / f"{arch}.ckpt"
     write_checkpoint(ckpt, arch=ARCHS[arch], patch_size=patch_size, engineered=True)
     cfg = demo_config(folder, ckpt, save_raw_predictions=False, chunk_size=tuple(chunks))
@@ -256,6 +264,7 @@ def _one(spec: dict[str, Any]) -> dict[str, Any]:
         arch=spec["arch"],
         output_formats=spec["output_formats"],
         patch_size=spec.get("patch_size", 32),
+        lamella=spec.get("lamella"),
     )
     make_s = time.perf_counter() - t0
     out = run_once(
@@ -318,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
         "--grow", choices=["z", "yx"], default="z", help="axes the scales multiply (yx: larger planes)"
     )
     p.add_argument("--big-factor", type=float, default=4.0, help="0: no big run")
+    p.add_argument("--lamella", type=float, default=None,
+                   help="lamella slab as a fraction of z in the big run (default: z in [Z/16, Z - Z/16))")
+    p.add_argument("--lamella-all", action="store_true", help="--lamella in every run, not only the big one")
     p.add_argument("--output-formats", nargs="+", default=["cryosiam", "ome-zarr"])
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     p.add_argument("--keep", action="store_true", help="keep the generated data and outputs")
@@ -348,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
             "memory_limit": args.memory_limit,
             "output_formats": args.output_formats,
             "patch_size": args.patch_size,
+            "lamella": args.lamella if name.startswith("big") or args.lamella_all else None,
             "keep": args.keep,
         }
         if rows:
