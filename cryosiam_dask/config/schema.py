@@ -118,7 +118,7 @@ class DaskSettings(_Model):
     halo: Annotated[int, Strict(), Field(ge=0)] = 32
     """Voxels of context around each chunk for the instance step, default 32: whole particles fit in it."""
     tiling: Literal["fast", "exact"] = "exact"
-    """'exact' (default): CryoSiam's tiling and maps, each patch once; 'fast': big windows, maps differ a little."""
+    """'exact' (default): CryoSiam's tiling and maps, each patch once; 'fast': big windows, for throughput."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (default): CUDA when torch sees a GPU, else CPU."""
     scheduler_address: str | None = None

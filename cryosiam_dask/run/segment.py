@@ -1,9 +1,13 @@
 """Stage 3, instances: the seeded watershed per chunk window, global ids, labels into zarr; resumable.
 
 Each window task writes its core's marker keys into ``instances-<key>.zarr/keys`` (whole zarr chunks) and then
-a done record with its small statistics, so only those statistics travel back to the client and a rerun
-segments only unfinished windows. The id table (sorted keys) is built from the records; the labels are a
-lazy lookup of the stored keys, written chunk by chunk to ``instances``.
+a done record with its small statistics and its support parts (:mod:`cryosiam_dask.instances.components`:
+boxes, seeds, face planes), so only those travel back to the client and a rerun segments only unfinished
+windows. The client links the parts into the support's global components; each component larger than the
+halo allows (and within the memory limit of one task) is segmented whole by one task, which writes its crop's
+keys to its own array ``large-<n>`` and then its record. The id table (sorted keys) is built from the
+records; the labels are a lazy lookup of the stored keys (the large components' laid over the windows'),
+written chunk by chunk to ``instances``.
 """
 
 from __future__ import annotations
@@ -20,13 +24,21 @@ import numpy as np
 
 from cryosiam_dask.backend import to_numpy
 from cryosiam_dask.errors import InputFileError
+from cryosiam_dask.instances.components import (
+    DEFAULT_LIMIT_BYTES,
+    LargeComponent,
+    Parts,
+    combine_keys,
+    component_keys,
+)
 from cryosiam_dask.instances.merge import (
     InstanceReport,
     check_parameters,
-    id_table,
     keys_to_ids,
     make_report,
-    window_keys,
+    plan_components,
+    table_of,
+    window_parts,
 )
 from cryosiam_dask.instances.windows import Window, margin_for, plan_windows
 from cryosiam_dask.run import resume
@@ -94,11 +106,72 @@ def _keys_to_store(
     index: tuple[int, ...],
     **kwargs: Any,
 ) -> int:
-    """:func:`window_keys` of one window, its core's keys written to ``store[region]``, then its record."""
-    keys, unique, n_oversized, skipped = window_keys(fg, dist, **kwargs)
+    """:func:`window_parts` of one window, its core's keys written to ``store[region]``, then its record."""
+    keys, unique, n_oversized, skipped, parts = window_parts(fg, dist, **kwargs)
     store[region] = to_numpy(keys)
-    records.save(index, unique=unique, oversized=n_oversized, skipped=skipped)
+    records.save(index, unique=unique, oversized=n_oversized, skipped=skipped, **parts.to_arrays())
     return 1
+
+
+def _large_to_store(fg: Any, dist: Any, *, target: Any, records: Any, n: int, **kwargs: Any) -> int:
+    """:func:`component_keys` of one large component written to `target` (its own array), then its record."""
+    keys, unique = component_keys(fg, dist, **kwargs)
+    target[...] = to_numpy(keys)
+    crop = np.array([[s.start, s.stop] for s in kwargs["crop"]])
+    records.save((n,), unique=unique, seed=np.asarray(kwargs["seed"]), crop=crop)
+    return 1
+
+
+def _record_matches(record: dict[str, np.ndarray] | None, lc: LargeComponent) -> bool:
+    if record is None:
+        return False
+    crop = np.array([[s.start, s.stop] for s in lc.crop])
+    return bool(np.array_equal(record["seed"], lc.seed) and np.array_equal(record["crop"], crop))
+
+
+def _labels_block(keys: Any, table: np.ndarray, pieces: list[Any], block_info: Any = None) -> Any:
+    """One chunk's ids: the large components' keys laid over the windows' keys, looked up in the table."""
+    region = tuple(slice(a, b) for a, b in block_info[0]["array-location"])
+    return keys_to_ids(combine_keys(keys, region, pieces), table)
+
+
+def _segment_large(
+    large: list[LargeComponent],
+    fg: da.Array,
+    dist: da.Array,
+    store: Path,
+    done: Path,
+    chunks: tuple[int, ...],
+    params: dict[str, Any],
+) -> tuple[list[tuple[Any, tuple[slice, ...]]], list[np.ndarray], int]:
+    """Segment the fitting large components (one task each, resumable); their (array, crop) and keys."""
+    shape = tuple(int(s) for s in fg.shape)
+    pieces, uniques, tasks, todo = [], [], [], []
+    task = dask.delayed(_large_to_store, pure=True)
+    for n, lc in enumerate(c for c in large if c.fits):
+        crop_shape = tuple(s.stop - s.start for s in lc.crop)
+        records = resume.ChunkMarkers(done / "large" / str(n), "large")
+        target = resume.open_chunked(
+            store,
+            f"large-{n}",
+            shape=crop_shape,
+            chunks=tuple(min(c, s) for c, s in zip(chunks, crop_shape, strict=True)),
+            dtype=np.uint64,
+            markers=records,
+        )
+        pieces.append((target, lc.crop))
+        record = records.load((n,))
+        if _record_matches(record, lc):
+            uniques.append(record["unique"])  # type: ignore[index]
+            continue
+        todo.append((n, records))
+        uniques.append(None)
+        kw = dict(crop=lc.crop, seed=lc.seed, shape=shape, params=params)
+        tasks.append(task(fg[lc.crop], dist[lc.crop], target=target, records=records, n=n, **kw))
+    compute(*tasks)
+    for n, records in todo:
+        uniques[n] = records.load((n,))["unique"]  # type: ignore[index]
+    return pieces, uniques, len(todo)  # type: ignore[return-value]
 
 
 def _instances_key(maps_key: str, settings: InstanceSettings, semantic: Any) -> str:
@@ -112,6 +185,7 @@ def _instances_key(maps_key: str, settings: InstanceSettings, semantic: Any) -> 
         ],
         settings.halo,
         semantic,
+        "components-1",  # records carry the support parts
     )
 
 
@@ -133,13 +207,13 @@ def _segment_one(stem: str, maps: Maps, settings: InstanceSettings, work_dir: Pa
     keys = resume.open_chunked(store, "keys", shape=fg.shape, chunks=chunks, dtype=np.uint64, markers=records)
     shape = tuple(int(s) for s in fg.shape)
     params = settings.watershed_kwargs()
-    stats_of: dict[tuple[int, ...], tuple[np.ndarray, int, bool]] = {}
+    stats_of: dict[tuple[int, ...], tuple[np.ndarray, bool, Parts]] = {}
     tasks, todo = [], []
     task = dask.delayed(_keys_to_store, pure=True)
     for w in windows:
         record = records.load(w.index)
         if record is not None:
-            stats_of[w.index] = (record["unique"], int(record["oversized"]), bool(record["skipped"]))
+            stats_of[w.index] = (record["unique"], bool(record["skipped"]), Parts.from_arrays(record))
             continue
         todo.append(w.index)
         tasks.append(
@@ -163,17 +237,20 @@ def _segment_one(stem: str, maps: Maps, settings: InstanceSettings, work_dir: Pa
     compute(*tasks)
     for index in todo:
         record = records.load(index)
-        stats_of[index] = (record["unique"], int(record["oversized"]), bool(record["skipped"]))
+        stats_of[index] = (record["unique"], bool(record["skipped"]), Parts.from_arrays(record))  # type: ignore[index]
     stats = [stats_of[w.index] for w in windows]
-    table = id_table([s[0] for s in stats])
-    report: InstanceReport = make_report(stats, table, settings.halo)
+    limit = int(getattr(settings, "component_memory", None) or DEFAULT_LIMIT_BYTES)
+    large, over = plan_components([s[2] for s in stats], windows, fg.chunks, settings.distance_type, limit)
+    pieces, luniques, n_large = _segment_large(large, fg, dist, store, done, chunks, params)
+    table = table_of([s[0] for s in stats], large, luniques)
+    report: InstanceReport = make_report([s[1] for s in stats], over, large, table, limit)
     labels = da.from_zarr(keys, chunks=fg.chunks).map_blocks(
-        keys_to_ids, table, dtype=np.uint32, meta=np.empty((0, 0, 0), np.uint32)
+        _labels_block, table, pieces, dtype=np.uint32, meta=np.empty((0, 0, 0), np.uint32)
     )
     target = resume.open_chunked(
         store, "instances", shape=fg.shape, chunks=chunks, dtype=np.uint32, markers=label_markers
     )
-    extra = {"windows_computed": len(todo), "store": store.name, **asdict(report)}
+    extra = {"windows_computed": len(todo), "large_computed": n_large, "store": store.name, **asdict(report)}
     return labels, extra, target, label_markers
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import scipy.ndimage as ndi
 from hypothesis import strategies as st
 
-__all__ = ["assert_same_partition", "ball_maps", "balls", "chunkings"]
+__all__ = ["assert_same_partition", "ball_maps", "balls", "chunkings", "rods", "shape_maps"]
 
 
 def balls(shape: tuple[int, int, int], *, radius: tuple[float, float] = (1.5, 3.5), max_size: int = 6) -> Any:
@@ -21,13 +21,43 @@ def balls(shape: tuple[int, int, int], *, radius: tuple[float, float] = (1.5, 3.
     return st.lists(ball, max_size=max_size)
 
 
+def rods(shape: tuple[int, int, int], *, radius: tuple[float, float] = (1.5, 3.0), max_size: int = 2) -> Any:
+    """Lists of rods ``(z0, y0, x0, z1, y1, x1, radius)``: segments with end points inside `shape`, as long
+    as the volume (a hypothesis strategy)."""
+    z, y, x = (float(n - 1) for n in shape)
+    point = (st.floats(0, z), st.floats(0, y), st.floats(0, x))
+    rod = st.tuples(*point, *point, st.floats(*radius))
+    return st.lists(rod, max_size=max_size)
+
+
 def chunkings(low: int = 6, high: int = 12) -> Any:
     """(z, y, x) chunk shapes with every edge in [low, high] (a hypothesis strategy)."""
     return st.tuples(st.integers(low, high), st.integers(low, high), st.integers(low, high))
 
 
-def ball_maps(shape: tuple[int, int, int], spheres: list[tuple[float, ...]]) -> tuple[np.ndarray, np.ndarray]:
-    """Maps like the network's training targets, from balls (centre z, y, x, radius).
+def shape_maps(signed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Maps like the network's training targets from a signed distance (positive inside the objects).
+
+    Parameters
+    ----------
+    signed : (Z, Y, X) ndarray of float
+
+    Returns
+    -------
+    foreground : (Z, Y, X) ndarray of float32
+        ``signed > 0``, blurred (sigma 1).
+    distance : (Z, Y, X) ndarray of float32
+        `signed` clipped to [-5, 5].
+    """
+    dist = np.clip(signed, -5, 5).astype(np.float32)
+    return ndi.gaussian_filter((dist > 0).astype(np.float32), 1.0), dist
+
+
+def ball_maps(
+    shape: tuple[int, int, int], spheres: list[tuple[float, ...]], rods: list[tuple[float, ...]] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """Maps like the network's training targets, from balls (centre z, y, x, radius) and rods (segment end
+    points z0, y0, x0, z1, y1, x1 and radius).
 
     Returns
     -------
@@ -41,9 +71,14 @@ def ball_maps(shape: tuple[int, int, int], spheres: list[tuple[float, ...]]) -> 
     for *centre, r in spheres:
         d = r - np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)))
         dist = np.maximum(dist, d)
-    dist = np.clip(dist, -5, 5).astype(np.float32)
-    fg = ndi.gaussian_filter((dist > 0).astype(np.float32), 1.0)
-    return fg, dist
+    for *ends, r in rods:
+        p, q = np.asarray(ends[:3], float), np.asarray(ends[3:], float)
+        v = q - p
+        rel = grid - p[:, None, None, None]
+        t = np.clip(np.tensordot(v, rel, axes=1) / max(float(v @ v), 1e-12), 0, 1)
+        d = r - np.sqrt(((rel - v[:, None, None, None] * t) ** 2).sum(axis=0))
+        dist = np.maximum(dist, d)
+    return shape_maps(dist)
 
 
 def assert_same_partition(a: np.ndarray, b: np.ndarray) -> None:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from scipy import ndimage as ndi
 
 from cryosiam_dask.errors import ConfigError
+from cryosiam_dask.instances.components import BYTES_PER_VOXEL
 from cryosiam_dask.instances.merge import segment_instances
 from cryosiam_dask.instances.reference import from_original_kwargs, instance_segmentation
 from cryosiam_dask.testing import strategies
@@ -25,10 +26,11 @@ ball_maps = strategies.ball_maps
 assert_equivalent_labeling = strategies.assert_same_partition
 
 
-def run_chunked(fg, dist, chunks, halo, **params):
+def run_chunked(fg, dist, chunks, halo, limit_bytes=None, **params):
+    kw = {} if limit_bytes is None else {"limit_bytes": limit_bytes}
     with dask.config.set(scheduler="synchronous"):
         labels, report = segment_instances(
-            da.from_array(fg, chunks=chunks), da.from_array(dist, chunks=chunks), halo=halo, **params
+            da.from_array(fg, chunks=chunks), da.from_array(dist, chunks=chunks), halo=halo, **kw, **params
         )
         return labels.compute(), report
 
@@ -51,14 +53,17 @@ def check_against_reference(fg, dist, chunks, halo, params=PARAMS, require_exact
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     balls=strategies.balls((16, 20, 18)),
+    rods=strategies.rods((16, 20, 18)),
     chunks=strategies.chunkings(6, 12),
-    halo=st.sampled_from([12, 16, 20]),
+    halo=st.sampled_from([10, 12, 16, 20]),
     distance_type=st.sampled_from([0, 1, 2]),
 )
-def test_property_chunked_equals_whole_volume(balls, chunks, halo, distance_type):
-    fg, dist = ball_maps((16, 20, 18), balls)
+def test_property_chunked_equals_whole_volume(balls, rods, chunks, halo, distance_type):
+    # rods as long as the volume and clusters of balls make support components larger than the halo: they
+    # are segmented whole, so every result is exact
+    fg, dist = ball_maps((16, 20, 18), balls, rods)
     params = {**PARAMS, "distance_type": distance_type}
-    out, report = check_against_reference(fg, dist, chunks, halo, params, require_exact=False)
+    out, report = check_against_reference(fg, dist, chunks, halo, params)
     assert report.n_chunks == int(np.prod([-(-s // c) for s, c in zip(fg.shape, chunks, strict=True)]))
 
 
@@ -128,21 +133,87 @@ def test_golden_maps_chunked_equal_a_default(golden, golden_maps, golden_setting
     np.testing.assert_array_equal(out, expected)
 
 
-def test_rod_longer_than_halo_is_reported(caplog):
+def rod_maps():
     shape = (16, 16, 48)
     grid = np.indices(shape)
     radial = np.sqrt((grid[0] - 8.0) ** 2 + (grid[1] - 8.0) ** 2)
-    dist = np.clip(3.5 - radial, -5, 5).astype(np.float32)
-    dist[..., :4] = -5  # the rod runs from x = 4 to 43
-    dist[..., 44:] = -5
-    fg = ndi.gaussian_filter((dist > 0).astype(np.float32), 1.0)
+    signed = 3.5 - radial
+    signed[..., :4] = -5  # the rod runs from x = 4 to 43
+    signed[..., 44:] = -5
+    return strategies.shape_maps(signed)
+
+
+def test_rod_longer_than_halo_is_exact(caplog):
+    fg, dist = rod_maps()
     with caplog.at_level(logging.WARNING, logger="cryosiam_dask.instances.merge"):
-        out, report = run_chunked(fg, dist, (16, 16, 8), 12, **PARAMS)
+        out, report = check_against_reference(fg, dist, (16, 16, 8), 12)
+    assert report.large == 1
+    assert "larger than one task" not in caplog.text
+
+
+def test_rod_larger_than_the_memory_limit_is_reported(caplog):
+    fg, dist = rod_maps()
+    with caplog.at_level(logging.WARNING, logger="cryosiam_dask.instances.merge"):
+        out, report = run_chunked(fg, dist, (16, 16, 8), 12, limit_bytes=1000 * BYTES_PER_VOXEL, **PARAMS)
     assert report.oversized > 0
     assert report.oversized_chunks > 0
-    assert "larger than the halo" in caplog.text
-    # with a halo covering the rod it is exact again
+    assert report.large == 0
+    assert "larger than one task may segment whole (a crop of 1000 voxels" in caplog.text
+    # with a halo covering the rod the windows are exact again
     check_against_reference(fg, dist, (16, 16, 8), 48)
+
+
+BIG = (40, 64, 64)
+
+
+def sheet_maps():
+    """A curved membrane-like sheet, 6 voxels thick, across the whole (y, x) plane, and two particles."""
+    z, y, x = np.indices(BIG, dtype=np.float64)
+    surface = 20 + 5 * np.sin(x / 11.0) + 3 * np.cos(y / 9.0)
+    signed = 3.0 - np.abs(z - surface)
+    fg, dist = strategies.shape_maps(signed)
+    bfg, bdist = ball_maps(BIG, [(5, 10, 50, 3.5), (35, 40, 12, 3)])
+    return np.maximum(fg, bfg), np.maximum(dist, bdist)
+
+
+def tube_maps():
+    """A long bent tube crossing the volume, and a particle touching it."""
+    rods = [(20, 6, 2, 12, 40, 40, 3.5), (12, 40, 40, 28, 60, 62, 3.0)]
+    return ball_maps(BIG, [(24, 44, 30, 3.5)], rods)
+
+
+def cluster_maps():
+    """A dense cluster of touching particles (4 x 6 x 6 balls): one support component larger than the halo."""
+    centres = [
+        (6 + 7.0 * i, 8 + 7.0 * j, 10 + 7.0 * k, 3.6) for i in range(4) for j in range(6) for k in range(6)
+    ]
+    rng = np.random.default_rng(3)
+    return ball_maps(BIG, [(z + rng.uniform(-0.5, 0.5), y, x, r) for z, y, x, r in centres])
+
+
+@pytest.mark.parametrize("maps", [sheet_maps, tube_maps, cluster_maps])
+@pytest.mark.parametrize("chunks", [(20, 24, 24), (16, 32, 20)])
+def test_components_larger_than_the_halo_are_exact(maps, chunks, caplog):
+    fg, dist = maps()
+    support = ndi.label(instance_segmentation(fg, dist, **PARAMS) > 0, structure=np.ones((3, 3, 3)))[0]
+    biggest = np.argmax(np.bincount(support.ravel())[1:]) + 1
+    sizes = [np.ptp(np.nonzero(support == biggest)[a]) for a in range(3)]
+    assert max(sizes) > 24 + 12  # wider than a window
+    with caplog.at_level(logging.WARNING, logger="cryosiam_dask.instances.merge"):
+        out, report = check_against_reference(fg, dist, chunks, 12)
+    assert report.large >= 1
+    assert caplog.text == ""
+    assert np.unique(np.nonzero(out)[1] // chunks[1]).size >= 2
+
+
+def test_min_center_distance_zero_makes_the_volume_one_component():
+    # distance >= 0 holds everywhere (also in windows without foreground): one support component, segmented
+    # whole
+    fg, dist = ball_maps((16, 16, 64), [(8, 8, 5, 3.0), (8, 8, 14, 3.5)])
+    params = {**PARAMS, "min_center_distance": 0.0}
+    out, report = check_against_reference(fg, dist, (8, 8, 8), 10, params)
+    assert report.n_skipped > 0 and report.large == 1
+    assert int(out.max()) == 2
 
 
 def test_running_twice_gives_the_same_result():
@@ -180,3 +251,30 @@ def test_benchmark_smoke(tmp_path):
     rows = main(["--shape", "24", "32", "32", "--chunks", "16", "--halo", "14", "--out", str(tmp_path)])
     assert [r["run"] for r in rows] == ["in-memory reference", "chunked, 1 worker(s)", "chunked, 2 worker(s)"]
     assert (tmp_path / "bench_instances_24x32x32.json").is_file()
+
+
+def test_run_layer_segments_large_components_whole_and_resumes(tmp_path):
+    from cryosiam_dask.run.maps import Maps
+    from cryosiam_dask.run.segment import segment_all
+    from cryosiam_dask.run.settings import InstanceSettings
+
+    fg, dist = tube_maps()
+    chunks = (20, 24, 24)
+    maps = Maps(
+        foreground=da.from_array(fg, chunks=chunks),
+        distance=da.from_array(dist, chunks=chunks),
+        boundary=da.zeros(fg.shape, chunks=chunks, dtype=np.float32),
+        key="tube",
+        raw_reused=False,
+        report={},
+    )
+    settings = InstanceSettings(**PARAMS, boundary_bias=0.45, postprocessing=False, halo=12)
+    expected = instance_segmentation(fg, dist, **PARAMS)
+    with dask.config.set(scheduler="synchronous"):
+        (first,) = segment_all(["tube"], [maps], settings, tmp_path)
+        np.testing.assert_array_equal(first.labels.compute(), expected)
+        assert first.report["large"] >= 1 and first.report["oversized"] == 0
+        assert first.report["large_computed"] == first.report["large"]
+        (second,) = segment_all(["tube"], [maps], settings, tmp_path)  # everything reused
+        assert second.report["windows_computed"] == 0 and second.report["large_computed"] == 0
+        np.testing.assert_array_equal(second.labels.compute(), expected)
