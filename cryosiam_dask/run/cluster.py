@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from cryosiam_dask.backend import GPU_HINT
+from cryosiam_dask.backend import GPU_HINT, require_gpu
 from cryosiam_dask.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -125,6 +125,10 @@ def plan_cluster(
         gpus = _gpu_ids(gpu_devices)
         if not gpus:
             raise ConfigError("cryosiam_dask.device is 'cuda' but torch sees no GPU")
+        try:
+            require_gpu()  # cupy and cuCIM on the client before any work: no silent CPU fallback
+        except ImportError as e:
+            raise ConfigError(f"cryosiam_dask.device: {e}") from None
         return ClusterPlan(
             "cuda",
             len(gpus),
@@ -183,7 +187,9 @@ def start_client(plan: ClusterPlan, *, processes: bool = True) -> Iterator[Any]:
             CUDA_VISIBLE_DEVICES=list(plan.gpus),
             threads_per_worker=plan.threads_per_worker,
             memory_limit=plan.memory_limit,
-            rmm_pool_size=None,
+            # one allocator for torch and cupy: RMM on CUDA's stream-ordered pool (cudaMallocAsync), which
+            # reuses freed blocks; without a pool or async RMM every allocation is a cudaMalloc/cudaFree
+            rmm_async=True,
             rmm_allocator_external_lib_list=["cupy", "torch"],
             dashboard_address=plan.dashboard_address,
         )

@@ -22,7 +22,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from cryosiam_dask.backend import to_numpy
+from cryosiam_dask.backend import to_device, to_numpy
 from cryosiam_dask.errors import InputFileError
 from cryosiam_dask.instances.components import (
     DEFAULT_LIMIT_BYTES,
@@ -104,18 +104,27 @@ def _keys_to_store(
     region: tuple[slice, ...],
     records: Any,
     index: tuple[int, ...],
+    device: str = "cpu",
     **kwargs: Any,
 ) -> int:
-    """:func:`window_parts` of one window, its core's keys written to ``store[region]``, then its record."""
+    """:func:`window_parts` of one window, its core's keys written to ``store[region]``, then its record.
+
+    With ``device="cuda"`` the window is copied to the worker's GPU once and every step runs there
+    (the watershed itself on the host, see :mod:`cryosiam_dask.instances.watershed`); only the keys and the
+    small statistics come back.
+    """
+    fg, dist = to_device(fg, device), to_device(dist, device)
     keys, unique, n_oversized, skipped, parts = window_parts(fg, dist, **kwargs)
     store[region] = to_numpy(keys)
     records.save(index, unique=unique, oversized=n_oversized, skipped=skipped, **parts.to_arrays())
     return 1
 
 
-def _large_to_store(fg: Any, dist: Any, *, target: Any, records: Any, n: int, **kwargs: Any) -> int:
+def _large_to_store(
+    fg: Any, dist: Any, *, target: Any, records: Any, n: int, device: str = "cpu", **kwargs: Any
+) -> int:
     """:func:`component_keys` of one large component written to `target` (its own array), then its record."""
-    keys, unique = component_keys(fg, dist, **kwargs)
+    keys, unique = component_keys(to_device(fg, device), to_device(dist, device), **kwargs)
     target[...] = to_numpy(keys)
     crop = np.array([[s.start, s.stop] for s in kwargs["crop"]])
     records.save((n,), unique=unique, seed=np.asarray(kwargs["seed"]), crop=crop)
@@ -143,6 +152,7 @@ def _segment_large(
     done: Path,
     chunks: tuple[int, ...],
     params: dict[str, Any],
+    device: str = "cpu",
 ) -> tuple[list[tuple[Any, tuple[slice, ...]]], list[np.ndarray], int]:
     """Segment the fitting large components (one task each, resumable); their (array, crop) and keys."""
     shape = tuple(int(s) for s in fg.shape)
@@ -166,7 +176,7 @@ def _segment_large(
             continue
         todo.append((n, records))
         uniques.append(None)
-        kw = dict(crop=lc.crop, seed=lc.seed, shape=shape, params=params)
+        kw = dict(crop=lc.crop, seed=lc.seed, shape=shape, params=params, device=device)
         tasks.append(task(fg[lc.crop], dist[lc.crop], target=target, records=records, n=n, **kw))
     compute(*tasks)
     for n, records in todo:
@@ -230,6 +240,7 @@ def _segment_one(stem: str, maps: Maps, settings: InstanceSettings, work_dir: Pa
                 shape=shape,
                 margin=margin_for(settings.distance_type),
                 params=params,
+                device=settings.device,
             )
         )
     if stats_of:
@@ -239,9 +250,11 @@ def _segment_one(stem: str, maps: Maps, settings: InstanceSettings, work_dir: Pa
         record = records.load(index)
         stats_of[index] = (record["unique"], bool(record["skipped"]), Parts.from_arrays(record))  # type: ignore[index]
     stats = [stats_of[w.index] for w in windows]
-    limit = int(getattr(settings, "component_memory", None) or DEFAULT_LIMIT_BYTES)
+    limit = DEFAULT_LIMIT_BYTES
     large, over = plan_components([s[2] for s in stats], windows, fg.chunks, settings.distance_type, limit)
-    pieces, luniques, n_large = _segment_large(large, fg, dist, store, done, chunks, params)
+    pieces, luniques, n_large = _segment_large(
+        large, fg, dist, store, done, chunks, params, settings.device
+    )
     table = table_of([s[0] for s in stats], large, luniques)
     report: InstanceReport = make_report([s[1] for s in stats], over, large, table, limit)
     labels = da.from_zarr(keys, chunks=fg.chunks).map_blocks(

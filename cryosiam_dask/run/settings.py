@@ -106,6 +106,8 @@ class InstanceSettings:
     halo: int
     semantic_predictions: Path | None = None
     semantic_foreground_labels: tuple[int, ...] | None = None
+    device: str = "cpu"
+    """'cuda': each window goes to the worker's GPU once and is post-processed there (cupy/cuCIM)."""
 
     def watershed_kwargs(self) -> dict[str, Any]:
         """The parameters of the seeded watershed (:func:`cryosiam_dask.instances.block.segment_block`)."""
@@ -170,6 +172,7 @@ class RunSettings:
                 halo=s.halo,
                 semantic_predictions=config.semantic_predictions,
                 semantic_foreground_labels=tuple(labels) if labels else None,
+                device=device,
             ),
             outputs=OutputSettings(
                 prediction_folder=config.prediction_folder,

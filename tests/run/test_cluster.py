@@ -43,6 +43,20 @@ def test_cuda_without_gpu_is_a_clear_error():
         plan_cluster(device="cuda")
 
 
+def test_cuda_without_the_gpu_extra_is_a_clear_error(monkeypatch):
+    """A GPU but no cupy/cuCIM: one line naming the extra, before any work (no silent CPU fallback)."""
+    import importlib.util
+
+    from cryosiam_dask.run import cluster
+
+    if importlib.util.find_spec("cupy") and importlib.util.find_spec("cucim"):
+        pytest.skip("the gpu extra is installed")
+    monkeypatch.setattr(cluster, "_gpu_ids", lambda gpu_devices: (0,))
+    one_line = r'^cryosiam_dask.device: device .cuda. needs .*"cryosiam_dask\[gpu\]"$'
+    with pytest.raises(ConfigError, match=one_line):
+        plan_cluster(device="cuda")
+
+
 @pytest.fixture
 def two_tomograms(tmp_path):
     from cryosiam_dask.demo import DEMO_STEM, write_demo_inputs
