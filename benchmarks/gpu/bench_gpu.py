@@ -155,10 +155,13 @@ def predict_chunk(volume: np.ndarray, ckpt: Path, *, tiling: str, amp: str | Non
 
 @contextlib.contextmanager
 def instrumented_network(timer: StageTimer) -> Iterator[None]:
-    """Time ``predict._assemble_window`` and the pieces of ``run_network`` while the context is open."""
+    """Time ``predict._assemble_window`` and the pieces of each network call while the context is open.
+
+    The stages are timed one batch at a time (no upload/compute overlap), so their shares add up.
+    """
     from cryosiam_dask.network import predict, runtime
 
-    assemble, run = predict._assemble_window, predict.run_network
+    assemble, run = predict._assemble_window, predict.run_network_batches
 
     def timed_assemble(*args: Any, **kwargs: Any) -> np.ndarray:
         with timer("assemble+normalise"):
@@ -172,11 +175,15 @@ def instrumented_network(timer: StageTimer) -> Iterator[None]:
         with timer("d2h"):
             return y.cpu().numpy()
 
-    predict._assemble_window, predict.run_network = timed_assemble, timed_run
+    def timed_batches(model: Any, batches: Any, *, kept: Any = None, amp: str | None = None) -> Iterator[Any]:
+        for batch in batches:
+            yield timed_run(model, batch, kept=kept, amp=amp)
+
+    predict._assemble_window, predict.run_network_batches = timed_assemble, timed_batches
     try:
         yield
     finally:
-        predict._assemble_window, predict.run_network = assemble, run
+        predict._assemble_window, predict.run_network_batches = assemble, run
 
 
 def bench_network(args: argparse.Namespace, device: str, folder: Path) -> list[dict[str, Any]]:
