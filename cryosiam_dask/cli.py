@@ -3,8 +3,9 @@
 Commands keep CryoSiam's spellings (``instance_predict --config_file ... --filename ...``) and add flags
 that override the config's ``cryosiam_dask:`` section. torch, dask and the GPU stack are imported inside the
 command bodies, so ``--help`` is instant. A :class:`~cryosiam_dask.errors.CryoSiamDaskError` (bad config,
-missing file, ...) is printed as one ``error: ...`` line on stderr with exit code 2; any other exception keeps
-its traceback.
+missing file, a dead worker, a task that raised, ...) is printed as one ``error: ...`` line on stderr with
+exit code 2 (``--debug`` prints the cause's traceback first); an exception outside a run's stages keeps its
+traceback.
 """
 
 import logging
@@ -63,11 +64,18 @@ def _setup_logging(debug: bool) -> None:
 
 
 @contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn a CryoSiamDaskError into one ``error: ...`` line on stderr and exit code 2."""
+def _user_errors(debug: bool = False) -> Iterator[None]:
+    """Turn a CryoSiamDaskError into one ``error: ...`` line on stderr and exit code 2.
+
+    With ``debug``, the traceback of the error's cause (a task's exception, a dead worker) is printed first.
+    """
     try:
         yield
     except CryoSiamDaskError as e:
+        if debug and e.__cause__ is not None:
+            import traceback
+
+            traceback.print_exception(e.__cause__, file=sys.stderr)
         message = " ".join(str(e).splitlines()) or type(e).__name__
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(2) from None
@@ -128,6 +136,13 @@ def instance_predict(
         Path | None,
         typer.Option("--work-dir", help="Intermediate stores (default <prediction_folder>/.cryosiam_dask)."),
     ] = None,
+    work_dir_cleanup: Annotated[
+        str | None,
+        typer.Option(
+            "--work-dir-cleanup",
+            help="After a successful run remove: stale stores (stale, default), all (all) or none (keep).",
+        ),
+    ] = None,
     formats: Annotated[
         str | None,
         typer.Option(
@@ -160,12 +175,13 @@ def instance_predict(
         "threads_per_worker": threads_per_worker,
         "memory_limit": _memory_limit(memory_limit),
         "work_dir": work_dir,
+        "work_dir_cleanup": work_dir_cleanup,
         "output_formats": _formats(formats),
         "amp": amp,
         "fast_window": fast_window,
         "fast_margin": fast_margin,
     }
-    with _user_errors():
+    with _user_errors(debug):
         from cryosiam_dask.config import load_config
 
         cfg = load_config(config_file, overrides)
@@ -177,7 +193,13 @@ def instance_predict(
 
         PROGRESS["on"] = sys.stderr.isatty()
 
-        results = run_instance_predict(cfg, filename=filename)
+        if debug:
+            results = run_instance_predict(cfg, filename=filename)
+        else:
+            from cryosiam_dask.run.failures import quiet_distributed_tracebacks
+
+            with quiet_distributed_tracebacks():  # dask's own records: one line each, the error line last
+                results = run_instance_predict(cfg, filename=filename)
     logger.info(
         "instance_predict: %d tomogram(s) done, outputs in %s", len(results or []), cfg.prediction_folder
     )

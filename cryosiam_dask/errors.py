@@ -1,4 +1,5 @@
-"""Errors raised on bad user input: one line, naming the file or key, what was expected and what was found."""
+"""Errors raised on bad user input or a failed run: one line, naming the file, key or cause, what was expected
+and what was found."""
 
 from __future__ import annotations
 
@@ -43,3 +44,12 @@ class ParameterError(ConfigError):
         super().__init__(f"{parameter} {problem}")
         self.parameter = parameter
         self.problem = problem
+
+
+class ClusterError(CryoSiamDaskError, RuntimeError):
+    """The dask cluster failed: a worker died (killed by the OS or out of memory), could not start or import
+    the task modules, or the scheduler went away (:mod:`cryosiam_dask.run.failures`)."""
+
+
+class TaskError(CryoSiamDaskError, RuntimeError):
+    """A dask task raised: the message is its exception's type and text, on one line."""

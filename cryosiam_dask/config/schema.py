@@ -133,6 +133,11 @@ class DaskSettings(_Model):
     """Dask dashboard, default '127.0.0.1:8787': localhost only, not exposed to the network; None = off."""
     work_dir: AbsPath | None = None
     """Intermediate zarr stores; default None = <prediction_folder>/.cryosiam_dask."""
+    work_dir_cleanup: Literal["stale", "keep", "all"] = "stale"
+    """What a successful run removes from work_dir/<stem>: 'stale' (default) the stores of other settings or
+    inputs (a changed setting, a new checkpoint), keeping the ones it used so a rerun is instant; 'all' every
+    store of the stem (outputs only; a rerun recomputes); 'keep' nothing. Only our own store names are
+    removed, never while another run uses the stem's work_dir."""
     output_formats: Annotated[list[OutputFormat], Field(min_length=1)] = ["cryosiam", "ome-zarr"]
     """Outputs to write, default ['cryosiam', 'ome-zarr']: CryoSiam's h5 + csv (read by its later steps) and a
     viewable OME-Zarr. Also 'raw' (the raw maps h5), 'mrc' (labels as MRC) and 'star' (centroids)."""

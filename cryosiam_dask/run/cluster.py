@@ -12,10 +12,19 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cryosiam_dask.backend import GPU_HINT, require_gpu
-from cryosiam_dask.errors import ConfigError
+from cryosiam_dask.errors import ClusterError, ConfigError, CryoSiamDaskError
+from cryosiam_dask.run.failures import (
+    ALLOWED_FAILURES,
+    WORKER_WAIT_S,
+    WorkerStderrToFile,
+    check_workers,
+    one_line,
+    watching,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -158,17 +167,37 @@ def worker_environ() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def start_client(plan: ClusterPlan, *, processes: bool = True) -> Iterator[Any]:
+def start_client(
+    plan: ClusterPlan,
+    *,
+    processes: bool = True,
+    worker_log: Path | None = None,
+    wait_s: float = WORKER_WAIT_S,
+) -> Iterator[Any]:
     """Start (or attach to) the cluster of ``plan`` and yield a ``distributed.Client``.
 
     The dashboard link is logged at start. On exit, a cluster started here is closed; an existing one is left
-    running.
+    running. Every failure to start is one :class:`~cryosiam_dask.errors.ClusterError` line in bounded time:
+    a scheduler that cannot be reached, workers that do not start or join within ``wait_s``, a worker that
+    cannot import the task modules (:func:`~cryosiam_dask.run.failures.check_workers`). A cluster started here
+    retries a task whose worker died :data:`~cryosiam_dask.run.failures.ALLOWED_FAILURES` time(s), and its
+    workers write their stderr to ``worker_log`` (when given).
     """
     import dask
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if plan.kind == "existing":
-        with Client(plan.scheduler_address) as client:
+        try:
+            timeout = dask.config.get("distributed.comm.timeouts.connect")
+            client = Client(plan.scheduler_address, timeout=timeout)
+        except OSError as e:  # includes distributed's TimeoutError for an address nobody listens on
+            raise ClusterError(
+                f"cryosiam_dask.scheduler_address: cannot connect to the dask scheduler at "
+                f"{plan.scheduler_address} ({one_line(str(e)) or type(e).__name__})"
+            ) from None
+        with client:
+            where = f"the scheduler {plan.scheduler_address}"
+            check_workers(client, n_workers=1, timeout=wait_s, where=where)
             logger.info(
                 "attached to existing scheduler %s (%d workers)",
                 plan.scheduler_address,
@@ -176,14 +205,52 @@ def start_client(plan: ClusterPlan, *, processes: bool = True) -> Iterator[Any]:
             )
             yield client
         return
-    env = dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()})
-    env.__enter__()
+    where = f"the local {plan.kind} cluster"
+    # the scheduler of a local cluster lives in this process and reads allowed-failures when it is created
+    options = {
+        "distributed.nanny.pre-spawn-environ": worker_environ(),
+        "distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
+    }
+    with watching(worker_log, plan.memory_limit) as ctx, contextlib.ExitStack() as stack:
+        with dask.config.set(options):
+            try:
+                cluster = _local_cluster(plan, processes)
+            except (ImportError, CryoSiamDaskError):
+                raise
+            except Exception as e:  # "Nanny failed to start.", a timeout, a port in use ...
+                cause = ctx.deaths.causes[-1] if ctx.deaths.causes else one_line(str(e)) or type(e).__name__
+                raise ClusterError(
+                    f"the dask workers of {where} could not start ({cause}); a worker process that fails "
+                    "on import (a broken torch, cupy or cryosiam_dask install) prints why on stderr"
+                ) from None
+        stack.enter_context(cluster)
+        client = stack.enter_context(Client(cluster))
+        if worker_log is not None and processes:
+            try:
+                client.register_plugin(WorkerStderrToFile(worker_log))
+            except Exception as e:
+                logger.warning("the workers' stderr stays on the terminal (%s)", one_line(str(e)))
+        check_workers(client, n_workers=max(1, plan.n_workers), timeout=wait_s, where=where)
+        logger.info(
+            "started %s cluster: %d workers x %d threads; dashboard: %s",
+            plan.kind,
+            plan.n_workers,
+            plan.threads_per_worker,
+            client.dashboard_link if plan.dashboard_address else "off",
+        )
+        yield client
+
+
+def _local_cluster(plan: ClusterPlan, processes: bool) -> Any:
+    """A ``LocalCUDACluster`` (one worker per GPU) or a CPU ``LocalCluster`` of ``plan``."""
+    from distributed import LocalCluster
+
     if plan.kind == "cuda":
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError as e:
             raise ImportError(GPU_HINT) from e
-        cluster = LocalCUDACluster(
+        return LocalCUDACluster(
             CUDA_VISIBLE_DEVICES=list(plan.gpus),
             threads_per_worker=plan.threads_per_worker,
             memory_limit=plan.memory_limit,
@@ -193,21 +260,10 @@ def start_client(plan: ClusterPlan, *, processes: bool = True) -> Iterator[Any]:
             rmm_allocator_external_lib_list=["cupy", "torch"],
             dashboard_address=plan.dashboard_address,
         )
-    else:
-        cluster = LocalCluster(
-            n_workers=plan.n_workers,
-            threads_per_worker=plan.threads_per_worker,
-            memory_limit=plan.memory_limit,
-            processes=processes,
-            dashboard_address=plan.dashboard_address,
-        )
-    env.__exit__(None, None, None)
-    with cluster, Client(cluster) as client:
-        logger.info(
-            "started %s cluster: %d workers x %d threads; dashboard: %s",
-            plan.kind,
-            plan.n_workers,
-            plan.threads_per_worker,
-            client.dashboard_link if plan.dashboard_address else "off",
-        )
-        yield client
+    return LocalCluster(
+        n_workers=plan.n_workers,
+        threads_per_worker=plan.threads_per_worker,
+        memory_limit=plan.memory_limit,
+        processes=processes,
+        dashboard_address=plan.dashboard_address,
+    )

@@ -2,7 +2,9 @@
 
 :func:`instance_predict` validates every input before any graph is built, builds the stages' settings once
 (:mod:`cryosiam_dask.run.settings`), locks the output stems, starts (or attaches to) the cluster and runs the
-stages of :mod:`cryosiam_dask.run.stages`.
+stages of :mod:`cryosiam_dask.run.stages`. A failure ends the run with one line
+(:mod:`cryosiam_dask.run.failures`; its traceback goes to the run's log file); after a successful run the
+stale stores of its stems are collected (``cryosiam_dask.work_dir_cleanup``).
 """
 
 from __future__ import annotations
@@ -15,16 +17,15 @@ from typing import Any
 
 from cryosiam_dask._types import ShapeZYX
 from cryosiam_dask.config import InstanceConfig
-from cryosiam_dask.errors import OutputError
-from cryosiam_dask.run.locks import acquire_lock, release_lock
+from cryosiam_dask.errors import ClusterError, OutputError, TaskError
+from cryosiam_dask.run import resume
+from cryosiam_dask.run.locks import WorkDirLock, acquire_lock, hold_work_dir, release_lock, try_exclusive
 from cryosiam_dask.run.settings import RunSettings
 from cryosiam_dask.run.stages import TomogramResult, run_stages
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TomogramResult", "instance_predict", "validate"]
-
-
+__all__ = ["TomogramResult", "collect_stale_stores", "instance_predict", "validate"]
 
 
 def _check_writable(folder: Path) -> None:
@@ -83,6 +84,49 @@ def _add_log_file(config: InstanceConfig) -> logging.Handler | None:
     return handler
 
 
+def _log_traceback(handler: logging.Handler | None, error: BaseException) -> None:
+    """Write the traceback of a failed run's cause into the log file only (stderr shows one line)."""
+    cause = error.__cause__ or error
+    if handler is None:
+        return
+    record = logging.LogRecord(
+        "cryosiam_dask.run.failures",
+        logging.ERROR,
+        __file__,
+        0,
+        "run failed: %s",
+        (error,),
+        (type(cause), cause, cause.__traceback__),
+    )
+    handler.handle(record)
+
+
+def collect_stale_stores(
+    work_dir: Path, stems: list[str], held: dict[str, WorkDirLock], used: set[Path], mode: str
+) -> None:
+    """After a successful run, remove the stems' stores it did not use (``mode`` ``stale``) or all (``all``).
+
+    A stem whose work_dir lock another run holds is left alone (that run may read its stores).
+    """
+    if mode == "keep":
+        return
+    for stem in stems:
+        lock = held.get(stem)
+        if lock is None or not try_exclusive(lock):
+            logger.info("%s: another run uses %s: its stores are not collected now", stem, work_dir / stem)
+            continue
+        removed = resume.collect_stores(work_dir, stem, used, mode)
+        if removed:
+            logger.info(
+                "%s: removed %d %sstore(s) from %s (cryosiam_dask.work_dir_cleanup: %s)",
+                stem,
+                len([p for p in removed if p.suffix == ".zarr"]),
+                "stale " * (mode == "stale"),
+                work_dir / stem,
+                mode,
+            )
+
+
 def instance_predict(
     config: InstanceConfig, *, filename: str | None = None, client: Any = None, processes: bool = True
 ) -> list[TomogramResult]:
@@ -105,16 +149,21 @@ def instance_predict(
     list of TomogramResult
         One per tomogram: instance count, output paths, report (skipped chunks, oversized objects, timings).
     """
-    from cryosiam_dask.run.cluster import plan_cluster, resolve_device, start_client
+    from cryosiam_dask.run.cluster import resolve_device
 
     files, patch_size = validate(config, filename=filename)
     s = config.cryosiam_dask
     device = resolve_device(s.device)
     locks: list[Path] = []
+    held: dict[str, WorkDirLock] = {}
     try:
         for f in files:
             locks.append(acquire_lock(config.prediction_folder, config.stem(f)))
+        for f in files:  # after the output locks: a second run of the same stems stops before waiting here
+            held[config.stem(f)] = hold_work_dir(config.work_dir, config.stem(f))
     except BaseException:
+        for work_lock in held.values():
+            work_lock.release()
         for lock in locks:
             release_lock(lock)
         raise
@@ -130,22 +179,53 @@ def instance_predict(
         )
         settings = RunSettings.from_config(config, device=device, patch_size=patch_size)
         pairs = [(f, config.stem(f)) for f in files]
-        if client is not None:
-            return run_stages(settings, pairs)
-        plan = plan_cluster(
-            device=device,
-            scheduler_address=s.scheduler_address,
-            n_workers=s.n_workers,
-            threads_per_worker=s.threads_per_worker,
-            memory_limit=s.memory_limit,
-            gpu_devices=config.parameters.gpu_devices,
-            dashboard_address=s.dashboard_address,
-        )
-        with start_client(plan, processes=processes):
-            return run_stages(settings, pairs)
+        with resume.record_stores() as used:
+            results = _run(settings, pairs, config, device, client, processes, handler)
+        stems = [stem for _, stem in pairs]
+        collect_stale_stores(settings.inputs.work_dir, stems, held, used, settings.inputs.work_dir_cleanup)
+        return results
+    except (ClusterError, TaskError) as e:
+        _log_traceback(handler, e)
+        raise
     finally:
         if handler is not None:
             logging.getLogger("cryosiam_dask").removeHandler(handler)
             handler.close()
+        for work_lock in held.values():
+            work_lock.release()
         for lock in locks:
             release_lock(lock)
+
+
+def _run(
+    settings: RunSettings,
+    pairs: list[tuple[Path, str]],
+    config: InstanceConfig,
+    device: str,
+    client: Any,
+    processes: bool,
+    handler: logging.Handler | None,
+) -> list[TomogramResult]:
+    """The stages on ``client``, or on the cluster of the config's settings (started and closed here)."""
+    from cryosiam_dask.run.cluster import plan_cluster, start_client
+
+    s = config.cryosiam_dask
+    if client is not None:
+        return run_stages(settings, pairs)
+    plan = plan_cluster(
+        device=device,
+        scheduler_address=s.scheduler_address,
+        n_workers=s.n_workers,
+        threads_per_worker=s.threads_per_worker,
+        memory_limit=s.memory_limit,
+        gpu_devices=config.parameters.gpu_devices,
+        dashboard_address=s.dashboard_address,
+    )
+    log_file = getattr(handler, "baseFilename", None)
+    worker_log = (
+        Path(log_file).with_name(Path(log_file).name.replace("instance_predict", "workers"))
+        if log_file
+        else None
+    )
+    with start_client(plan, processes=processes, worker_log=worker_log):
+        return run_stages(settings, pairs)

@@ -3,6 +3,11 @@
 The lock is an OS file lock (``fcntl.flock``): the kernel releases it when the holding process dies, so a
 killed run never leaves a stale lock. Who holds it (pid, host) is written beside it, in ``<lock>.owner``, for
 the message another run prints.
+
+The stores of a stem in ``work_dir`` (which several prediction folders may share) have a second, shared lock,
+``<work_dir>/<stem>/.stores.lock``: every run holds it shared (:func:`hold_work_dir`) while it runs, and the
+clean-up of stale stores takes it exclusively, without waiting (:func:`try_exclusive`), so it never removes a
+store another running process may be using.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from cryosiam_dask.errors import OutputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["acquire_lock", "lock_path", "release_lock"]
+__all__ = ["WorkDirLock", "acquire_lock", "hold_work_dir", "lock_path", "release_lock", "try_exclusive"]
 
 _HELD: dict[Path, FileLock] = {}
 
@@ -60,8 +65,11 @@ def acquire_lock(folder: Path, stem: str) -> Path:
         raise OutputError(f"{path}: cannot create the output lock ({what})") from e
     owner = _owner(path)
     if owner.exists():  # the last holder died without releasing: the OS freed the lock, its note stayed
-        logger.warning("%s: taking over the stale lock of process %s (no longer running)", path,
-                       (owner.read_text().split() or ["?"])[0])
+        logger.warning(
+            "%s: taking over the stale lock of process %s (no longer running)",
+            path,
+            (owner.read_text().split() or ["?"])[0],
+        )
     owner.write_text(f"{os.getpid()} {socket.gethostname()}\n")
     _HELD[path] = lock
     return path
@@ -75,3 +83,59 @@ def release_lock(path: Path) -> None:
     _owner(path).unlink(missing_ok=True)
     lock.release()
     Path(path).unlink(missing_ok=True)
+
+
+class WorkDirLock:
+    """A shared ``flock`` on ``<work_dir>/<stem>/.stores.lock`` (see :func:`hold_work_dir`).
+
+    ``fd`` is None where the OS has no ``flock`` (then no store is ever collected).
+    """
+
+    def __init__(self, path: Path, fd: int | None) -> None:
+        self.path = path
+        self.fd = fd
+
+    def release(self) -> None:
+        """Release the lock (closing the file releases it; the file stays, so its inode never changes)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def hold_work_dir(work_dir: Path, stem: str) -> WorkDirLock:
+    """Hold ``stem``'s work_dir lock shared for this run (waits while a clean-up holds it exclusively).
+
+    Raises
+    ------
+    OutputError
+        The lock file cannot be created (work_dir not writable, disk full).
+    """
+    path = Path(work_dir) / stem / ".stores.lock"
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: nothing is collected
+        return WorkDirLock(path, None)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise OutputError(f"{path}: cannot create the work_dir lock ({what})") from e
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a clean-up holds it exclusively for a moment only
+    return WorkDirLock(path, fd)
+
+
+def try_exclusive(lock: WorkDirLock) -> bool:
+    """Turn this run's shared lock into an exclusive one, without waiting; False if another run holds it.
+
+    On Linux a failed conversion may drop the shared lock: call it only when the run's work is done.
+    """
+    if lock.fd is None:
+        return False
+    import fcntl
+
+    try:
+        fcntl.flock(lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True

@@ -6,6 +6,12 @@ zarr chunk(s) first and then a marker file ``<markers>/<z>.<y>.<x>.npz`` (atomic
 marker. The stores are named by a hash of everything their values depend on (input, checkpoint, settings),
 so a changed setting writes a new store instead of reusing stale chunks. Re-running a chunk (a lost worker,
 a resumed run) rewrites the same bytes.
+
+Stale stores: after a successful run, :func:`collect_stores` removes the stores of the run's stems that the
+run did not use (``cryosiam_dask.work_dir_cleanup: stale``, the default), or all of them (``all``), or none
+(``keep``). Only our own store names (``maps-|instances-|multicut-<16 hex>.zarr`` and their ``.done``) inside
+``work_dir/<stem>`` are ever removed, and only while no other run holds that stem's work_dir lock
+(:func:`cryosiam_dask.run.locks.hold_work_dir`).
 """
 
 from __future__ import annotations
@@ -14,8 +20,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +94,74 @@ class ChunkMarkers:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+CLEANUP_MODES = ("stale", "keep", "all")
+"""``cryosiam_dask.work_dir_cleanup``: what a successful run removes from ``work_dir/<stem>``."""
+
+STORE_NAME = re.compile(r"^(maps|instances|multicut)-[0-9a-f]{16}\.zarr(\.done)?$")
+"""The names of the stores (and their marker folders) that :func:`collect_stores` may remove."""
+
+_RECORDERS: list[set[Path]] = []
+_RECORDERS_LOCK = threading.Lock()
+
+
+@contextmanager
+def record_stores() -> Iterator[set[Path]]:
+    """Collect the stores opened by :func:`open_chunked` in this process meanwhile (from any thread).
+
+    Two runs recording at once in one process both see each other's stores: more is kept, never less.
+    """
+    used: set[Path] = set()
+    with _RECORDERS_LOCK:
+        _RECORDERS.append(used)
+    try:
+        yield used
+    finally:
+        with _RECORDERS_LOCK:
+            _RECORDERS.remove(used)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()  # a link is removed, never what it points to (which may lie outside work_dir)
+    else:
+        shutil.rmtree(path)
+
+
+def collect_stores(work_dir: Path, stem: str, used: set[Path], mode: str) -> list[Path]:
+    """Remove ``stem``'s stores in ``work_dir`` after a successful run; return what was removed.
+
+    Parameters
+    ----------
+    work_dir : Path
+        The run's work_dir; only ``work_dir/<stem>/<store name>`` entries are candidates.
+    stem : str
+        Output stem.
+    used : set of Path
+        Stores the run used (from :func:`record_stores`): kept in ``stale`` mode, with their ``.done``.
+    mode : {"stale", "keep", "all"}
+        ``stale``: stores of other settings/inputs; ``all``: every store of the stem; ``keep``: nothing.
+
+    The caller holds the stem's work_dir lock exclusively (no other run uses these stores).
+    """
+    if mode not in CLEANUP_MODES:
+        raise ValueError(f"work_dir_cleanup must be one of {CLEANUP_MODES}, got {mode!r}")
+    folder = Path(work_dir).absolute() / stem
+    if mode == "keep" or not folder.is_dir() or folder.is_symlink():
+        return []
+    keep = {p.name for p in used if Path(p).parent == folder}
+    keep |= {f"{name}.done" for name in keep}
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        if not STORE_NAME.match(entry.name) or (mode == "stale" and entry.name in keep):
+            continue
+        try:
+            _remove(entry)
+            removed.append(entry)
+        except OSError as e:
+            logger.warning("%s: cannot remove the stale store %s (%s)", stem, entry, e.strerror or e)
+    return removed
+
+
 def open_chunked(
     group_path: Path,
     name: str,
@@ -99,6 +177,9 @@ def open_chunked(
     """
     import zarr
 
+    with _RECORDERS_LOCK:
+        for used in _RECORDERS:
+            used.add(Path(group_path).absolute())
     group = zarr.open_group(str(group_path), mode="a")
     if name in group:
         arr = group[name]

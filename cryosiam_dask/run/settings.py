@@ -63,6 +63,8 @@ class InputSettings:
     mask_folder: Path | None
     data_min: float | None
     data_max: float | None
+    work_dir_cleanup: str = "stale"
+    """After a successful run: remove the stores it did not use ('stale'), all ('all') or none ('keep')."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,7 @@ class RunSettings:
                 mask_folder=config.mask_folder,
                 data_min=d.min,
                 data_max=d.max,
+                work_dir_cleanup=s.work_dir_cleanup,
             ),
             network=NetworkSettings(
                 checkpoint=config.checkpoint_path,

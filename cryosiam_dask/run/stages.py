@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryosiam_dask.errors import CryoSiamDaskError, ParameterError
+from cryosiam_dask.run.failures import stage_error
 from cryosiam_dask.run.inputs import open_inputs
 from cryosiam_dask.run.maps import maps_fingerprint, predict_all
 from cryosiam_dask.run.multicut import multicut_all
 from cryosiam_dask.run.segment import segment_all
-from cryosiam_dask.run.settings import RunSettings, user_error
-from cryosiam_dask.run.write import output_error, write_outputs
+from cryosiam_dask.run.settings import RunSettings
+from cryosiam_dask.run.write import write_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +47,11 @@ def _timed(name: str, timings: dict[str, float], n: int, work_dir: Path, fn: Any
     t0 = time.perf_counter()
     try:
         result = fn()
-    except ParameterError as e:
-        raise user_error(e) from e
-    except CryoSiamDaskError:
-        raise
-    except OSError as e:  # disk full / read-only work_dir inside a stage's zarr writes
-        raise output_error(e, Path(e.filename) if getattr(e, "filename", None) else work_dir) from e
+    except BaseException as e:  # one place maps every failure (worker, task, disk, key) to one line
+        error = stage_error(e, name, work_dir)
+        if error is e:
+            raise
+        raise error from e
     timings[name] = time.perf_counter() - t0
     logger.info("stage %-9s %8.2f s (%d tomogram%s)", name, timings[name], n, "s" * (n != 1))
     return result

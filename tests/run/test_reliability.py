@@ -1,8 +1,10 @@
-"""Reliability (issue 7): resume after SIGKILL, worker loss, disk errors, bad input, concurrent runs.
+"""Reliability (issues 7, 14): resume after SIGKILL, worker loss, workers that die or cannot start, tasks that
+raise, disk errors, bad input, concurrent runs, stale stores.
 
 Runs are killed by the fault injector ``tests/faults/sitecustomize.py`` (on PYTHONPATH, with
 ``CRYOSIAM_DASK_TEST_DIE_AFTER="<stage>:<n>"`` the run SIGKILLs its own process group once n chunks of that
-stage are recorded), so the moment is exact and not timing-dependent; the package has no test hook.
+stage are recorded, so the moment is exact and not timing-dependent; ``CRYOSIAM_DASK_TEST_FAULT`` breaks the
+workers: see that module); the package has no test hook.
 """
 
 from __future__ import annotations
@@ -78,13 +80,19 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 DIE_AFTER_ENV = "CRYOSIAM_DASK_TEST_DIE_AFTER"
+FAULT_ENV = "CRYOSIAM_DASK_TEST_FAULT"
 FAULTS = Path(__file__).resolve().parent / "faults"
 
 
-def _cli(config: Path, die_after: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != DIE_AFTER_ENV}
+def _cli(
+    config: Path, die_after: str | None = None, timeout: float = 240, fault: str | None = None
+) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in (DIE_AFTER_ENV, FAULT_ENV)}
     if die_after:
         env[DIE_AFTER_ENV] = die_after
+    if fault:
+        env[FAULT_ENV] = fault
+    if die_after or fault:
         env["PYTHONPATH"] = os.pathsep.join([str(FAULTS), *filter(None, [env.get("PYTHONPATH")])])
     return subprocess.run(
         [sys.executable, "-m", "cryosiam_dask", "instance_predict", "--config_file", str(config)],
@@ -200,6 +208,132 @@ def test_worker_killed_mid_run_gives_identical_output(tmp_path, clean):
     assert killed and killed[0][1] < 8, killed  # the worker died while maps chunks were still to do
     assert result.report["n_chunks"] == 8
     _assert_same(_outputs(tmp_path / "predictions"), clean)
+
+
+# ------------------------------------------------------------------------------- workers that fail (14)
+def _failed_run(tmp: Path, fault: str, limit_s: float = 150) -> str:
+    """Run the CLI with ``fault``; check exit code 2, bounded time, one error line, nothing complete."""
+    t0 = time.monotonic()
+    run = _cli(_case(tmp), fault=fault, timeout=limit_s + 60)  # the timeout only guards against a hang
+    elapsed = time.monotonic() - t0
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert elapsed < limit_s, elapsed
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    visible = [p.name for p in (tmp / "predictions").iterdir() if not p.name.startswith(".")]
+    assert visible == [], visible  # no output file, complete or not (partial ones are hidden siblings)
+    logging.getLogger(__name__).info("%s: %.1f s: %s", fault, elapsed, errors[0])
+    return errors[0]
+
+
+def test_worker_killed_on_every_task_fails_fast(tmp_path):
+    """As a worker the OS kills each time it loads torch: two deaths, then one line naming cause and limit."""
+    error = _failed_run(tmp_path, "worker-dies:maps")
+    assert "a dask worker died 2 times while running stage maps" in error
+    assert "killed by signal 9" in error and "memory_limit is" in error
+    worker_log = re.search(r"see the worker log (\S+)", error)
+    assert worker_log and Path(worker_log.group(1)).is_file()
+    assert _markers(tmp_path, "maps") == 0
+
+
+def test_task_that_raises_fails_with_its_message_and_rerun_resumes(tmp_path, clean, client):
+    error = _failed_run(tmp_path, "task-raises:windows")
+    assert "stage instances failed: RuntimeError: injected fault in a windows task" in error
+    assert _markers(tmp_path, "maps") == 8 and _markers(tmp_path, "windows") == 0
+    [result] = instance_predict(load_config(tmp_path / "config_instance.yaml"), client=client)
+    assert result.report["maps_chunks_computed"] == 0  # the maps of the failed run are reused
+    _assert_same(_outputs(tmp_path / "predictions"), clean)
+
+
+def test_worker_that_cannot_import_fails_at_start(tmp_path):
+    """Such a worker used to hang the run (distributed cannot unpickle the task it is sent)."""
+    error = _failed_run(tmp_path, "worker-import:cryosiam_dask.network.predict", limit_s=90)
+    assert "cannot import cryosiam_dask.run.maps (ImportError: libbroken.so" in error
+
+
+def test_worker_that_cannot_start(tmp_path):
+    error = _failed_run(tmp_path, "worker-start", limit_s=90)
+    assert "the dask workers of the local cpu cluster could not start" in error
+    assert "exited with status 3" in error
+
+
+def test_cluster_failures_are_one_line():
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+    from distributed.scheduler import KilledWorker
+
+    from cryosiam_dask.errors import ClusterError, TaskError
+    from cryosiam_dask.run.failures import stage_error
+
+    class Worker:
+        address, memory_limit = "tcp://127.0.0.1:1", 2 * 2**30
+
+    killed = stage_error(KilledWorker("write_chunk-abc", Worker(), 1), "maps")
+    assert isinstance(killed, ClusterError) and "died 2 times while running stage maps" in str(killed)
+    assert "memory_limit is 2.00 GiB per worker" in str(killed)
+    for e in (FutureCancelledError("k", "scheduler-connection-lost"), CommClosedError("in <TCP>: closed")):
+        gone = stage_error(e, "instances")
+        assert isinstance(gone, ClusterError) and "scheduler or its workers went away" in str(gone)
+    raised = stage_error(ValueError("bad\nvalue"), "outputs")
+    assert isinstance(raised, TaskError) and "ValueError: bad value" in str(raised)
+    assert "\n" not in str(killed) + str(gone) + str(raised)
+    interrupt = KeyboardInterrupt()
+    assert stage_error(interrupt, "maps") is interrupt
+
+
+# ----------------------------------------------------------------------------------------- stale stores
+def _stores(tmp: Path) -> set[str]:
+    folder = tmp / "predictions" / ".cryosiam_dask" / DEMO_STEM
+    return {p.name for p in folder.glob("*.zarr")} if folder.is_dir() else set()
+
+
+def test_stale_stores_are_collected_after_a_successful_run(tmp_path, client):
+    cfg_path = _case(tmp_path)
+    instance_predict(load_config(cfg_path), client=client)
+    first = _stores(tmp_path)
+    assert {n.split("-")[0] for n in first} == {"maps", "instances"}
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["parameters"]["network"]["threshold_foreground"] = 0.6  # a new instances store, the same maps
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    instance_predict(load_config(cfg_path), client=client)
+    second = _stores(tmp_path)
+    maps = {n for n in first if n.startswith("maps-")}
+    assert maps <= second and len(second) == 2 and not (first - maps) & second  # the old instances: gone
+    assert not [p for p in (tmp_path / "predictions" / ".cryosiam_dask" / DEMO_STEM).iterdir()
+                if p.name.startswith("instances-") and p.name.split(".")[0] + ".zarr" not in second]
+    cfg["parameters"]["network"]["threshold_foreground"] = 0.55
+    cfg["cryosiam_dask"]["work_dir_cleanup"] = "keep"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    instance_predict(load_config(cfg_path), client=client)
+    assert second < _stores(tmp_path) and len(_stores(tmp_path)) == 3  # keep: nothing removed
+    (tmp_path / "predictions" / ".cryosiam_dask" / DEMO_STEM / "notes.txt").write_text("mine")
+    cfg["cryosiam_dask"]["work_dir_cleanup"] = "all"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    [result] = instance_predict(load_config(cfg_path), client=client)
+    assert result.report["maps_chunks_computed"] == 0 and _stores(tmp_path) == set()  # used, then removed
+    assert (tmp_path / "predictions" / ".cryosiam_dask" / DEMO_STEM / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "predictions" / f"{DEMO_STEM}_instance_preds.h5").is_file()
+
+
+def test_stores_in_use_by_another_run_are_not_collected(tmp_path, client):
+    cfg_path = _case(tmp_path)
+    instance_predict(load_config(cfg_path), client=client)
+    first = _stores(tmp_path)
+    work_dir = tmp_path / "predictions" / ".cryosiam_dask"
+    code = (f"import time; from cryosiam_dask.run.locks import hold_work_dir; "
+            f"hold_work_dir({str(work_dir)!r}, {DEMO_STEM!r}); print('held', flush=True); time.sleep(120)")
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        cfg = yaml.safe_load(cfg_path.read_text())
+        cfg["parameters"]["network"]["threshold_foreground"] = 0.6
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        instance_predict(load_config(cfg_path), client=client)  # shares the lock: runs, collects nothing
+        assert first < _stores(tmp_path)
+    finally:
+        other.kill()
+        other.wait()
 
 
 # ------------------------------------------------------------------------------------------------- disk
