@@ -26,9 +26,10 @@ its keys are the whole-volume keys, and they replace the windows' keys on its vo
 final lookup). The id table holds the windows' exact keys and the large components' keys.
 
 Oversized components are the large ones whose crop would not fit the memory of one task (`limit_bytes`,
-default 4 GiB = 26.8 million voxels at `components.BYTES_PER_VOXEL` bytes each, e.g. a 299^3 box). They are
-counted in the report and logged as a warning, and keep the labels of each chunk's own window, with keys
-flagged by bit 63 (their ids come after all exact ones); a marker seen whole in two windows keeps one id,
+default 4 GiB = 26.8 million voxels at `components.BYTES_PER_VOXEL` bytes each, e.g. a 299^3 box; the run
+layer takes half a worker's memory limit per thread, :func:`cryosiam_dask.run.segment.task_memory_limit`).
+They are counted in the report and logged as a warning, and keep the labels of each chunk's own window, with
+keys flagged by bit 63 (their ids come after all exact ones); a marker seen whole in two windows keeps one id,
 otherwise such a component may be split at chunk faces. A larger halo or memory limit makes them exact.
 
 With ``min_center_distance <= 0`` the support is the whole volume (the final distance is >= 0 everywhere):

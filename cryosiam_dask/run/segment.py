@@ -96,6 +96,38 @@ def semantic_foreground(path: Path, labels: tuple[int, ...], like: da.Array) -> 
     )
 
 
+def zarr_source(x: da.Array) -> Any | None:
+    """The zarr array a dask array reads unchanged (``da.from_zarr``), or None for any other array.
+
+    A window task given it reads its window itself: one task per window, no dependencies, no transfers
+    between workers, and only the window's voxels read (slicing the dask array instead reads every
+    touched chunk whole and makes ~2 tasks per chunk touched, all through the scheduler).
+    """
+    import zarr
+
+    layers = x.dask.layers
+    if len(layers) != 2:
+        return None
+    for name, layer in layers.items():
+        if name.startswith("original-") and len(layer) == 1:
+            arr = next(iter(dict(layer).values()))
+            if isinstance(arr, zarr.Array) and tuple(arr.shape) == x.shape and arr.dtype == x.dtype:
+                return arr
+    return None
+
+
+def _sources(fg: da.Array, dist: da.Array) -> tuple[Any, Any] | None:
+    sources = zarr_source(fg), zarr_source(dist)
+    return None if sources[0] is None or sources[1] is None else sources
+
+
+def _read(a: Any, region: tuple[slice, ...]) -> Any:
+    """``a[region]`` of a zarr array; any other `a` is the window itself (computed by dask)."""
+    import zarr
+
+    return np.asarray(a[region]) if isinstance(a, zarr.Array) else a
+
+
 def _keys_to_store(
     fg: Any,
     dist: Any,
@@ -104,16 +136,18 @@ def _keys_to_store(
     region: tuple[slice, ...],
     records: Any,
     index: tuple[int, ...],
+    window: tuple[slice, ...],
     device: str = "cpu",
     **kwargs: Any,
 ) -> int:
     """:func:`window_parts` of one window, its core's keys written to ``store[region]``, then its record.
 
+    `fg` and `dist` are the window's maps, or the zarr arrays of the maps (the window is read here).
     With ``device="cuda"`` the window is copied to the worker's GPU once and every step runs there
     (the watershed itself on the host, see :mod:`cryosiam_dask.instances.watershed`); only the keys and the
     small statistics come back.
     """
-    fg, dist = to_device(fg, device), to_device(dist, device)
+    fg, dist = to_device(_read(fg, window), device), to_device(_read(dist, window), device)
     keys, unique, n_oversized, skipped, parts = window_parts(fg, dist, **kwargs)
     store[region] = to_numpy(keys)
     records.save(index, unique=unique, oversized=n_oversized, skipped=skipped, **parts.to_arrays())
@@ -123,8 +157,13 @@ def _keys_to_store(
 def _large_to_store(
     fg: Any, dist: Any, *, target: Any, records: Any, n: int, device: str = "cpu", **kwargs: Any
 ) -> int:
-    """:func:`component_keys` of one large component written to `target` (its own array), then its record."""
-    keys, unique = component_keys(to_device(fg, device), to_device(dist, device), **kwargs)
+    """:func:`component_keys` of one large component written to `target` (its own array), then its record.
+
+    `fg` and `dist` are the maps on the crop, or the zarr arrays of the maps (the crop is read here).
+    """
+    crop = kwargs["crop"]
+    fg, dist = to_device(_read(fg, crop), device), to_device(_read(dist, crop), device)
+    keys, unique = component_keys(fg, dist, **kwargs)
     target[...] = to_numpy(keys)
     crop = np.array([[s.start, s.stop] for s in kwargs["crop"]])
     records.save((n,), unique=unique, seed=np.asarray(kwargs["seed"]), crop=crop)
@@ -156,6 +195,7 @@ def _segment_large(
 ) -> tuple[list[tuple[Any, tuple[slice, ...]]], list[np.ndarray], int]:
     """Segment the fitting large components (one task each, resumable); their (array, crop) and keys."""
     shape = tuple(int(s) for s in fg.shape)
+    sources = _sources(fg, dist)
     pieces, uniques, tasks, todo = [], [], [], []
     task = dask.delayed(_large_to_store, pure=True)
     for n, lc in enumerate(c for c in large if c.fits):
@@ -177,11 +217,48 @@ def _segment_large(
         todo.append((n, records))
         uniques.append(None)
         kw = dict(crop=lc.crop, seed=lc.seed, shape=shape, params=params, device=device)
-        tasks.append(task(fg[lc.crop], dist[lc.crop], target=target, records=records, n=n, **kw))
+        maps = sources or (fg[lc.crop], dist[lc.crop])
+        tasks.append(task(*maps, target=target, records=records, n=n, **kw))
     compute(*tasks)
     for n, records in todo:
         uniques[n] = records.load((n,))["unique"]  # type: ignore[index]
     return pieces, uniques, len(todo)  # type: ignore[return-value]
+
+
+def task_memory_limit() -> int:
+    """Bytes one large-component task may use: half the smallest worker's memory limit per thread.
+
+    Read from the active ``distributed`` client (the cluster's ``memory_limit``; half, because dask pauses
+    a worker at 80 % and the worker holds other results too). Without a client, or with unlimited workers,
+    `DEFAULT_LIMIT_BYTES` (4 GiB: components whose box + margin exceeds ~27 million voxels keep the
+    windows' labels). With the default settings on a 64 GiB, 16-core machine (8 workers of 2 threads,
+    8 GiB each) that is 2 GiB, ~13 million voxels, e.g. a 237^3 box.
+    """
+    try:
+        from distributed import get_client
+
+        workers = get_client().scheduler_info(n_workers=-1)["workers"].values()
+    except (ImportError, ValueError, TypeError):
+        return DEFAULT_LIMIT_BYTES
+    per_thread = [
+        int(w.get("memory_limit") or 0) // max(1, int(w.get("nthreads") or 1)) // 2 for w in workers
+    ]
+    per_thread = [v for v in per_thread if v > 0]
+    return min(per_thread) if per_thread else DEFAULT_LIMIT_BYTES
+
+
+def _check_table(done: Path, table: np.ndarray, label_markers: Any) -> None:
+    """Clear the label chunks' markers when the id table differs from the one they were written with (a
+    rerun under another memory limit may segment other components whole)."""
+    stamp = done / "instances-table.txt"
+    token = dask.base.tokenize(table)
+    if stamp.is_file() and stamp.read_text() == token:
+        return
+    label_markers.clear()
+    done.mkdir(parents=True, exist_ok=True)
+    tmp = stamp.with_name(stamp.name + ".tmp")
+    tmp.write_text(token)
+    tmp.replace(stamp)
 
 
 def _instances_key(maps_key: str, settings: InstanceSettings, semantic: Any) -> str:
@@ -213,13 +290,13 @@ def _segment_one(stem: str, maps: Maps, settings: InstanceSettings, work_dir: Pa
     store = work_dir / stem / f"instances-{_instances_key(maps.key, settings, semantic)}.zarr"
     done = store.with_name(store.name + ".done")
     records = resume.ChunkMarkers(done / "windows", "windows")
-    label_markers = resume.ChunkMarkers(done / "instances", "instances")
     keys = resume.open_chunked(store, "keys", shape=fg.shape, chunks=chunks, dtype=np.uint64, markers=records)
     shape = tuple(int(s) for s in fg.shape)
     params = settings.watershed_kwargs()
     stats_of: dict[tuple[int, ...], tuple[np.ndarray, bool, Parts]] = {}
     tasks, todo = [], []
     task = dask.delayed(_keys_to_store, pure=True)
+    sources = _sources(fg, dist)  # zarr-backed maps: each window task reads its own window
     for w in windows:
         record = records.load(w.index)
         if record is not None:
@@ -228,10 +305,10 @@ def _segment_one(stem: str, maps: Maps, settings: InstanceSettings, work_dir: Pa
         todo.append(w.index)
         tasks.append(
             task(
-                fg[w.window],
-                dist[w.window],
+                *(sources or (fg[w.window], dist[w.window])),
                 store=keys,
                 region=w.region,
+                window=w.window,
                 records=records,
                 index=w.index,
                 start=w.start,
@@ -250,13 +327,15 @@ def _segment_one(stem: str, maps: Maps, settings: InstanceSettings, work_dir: Pa
         record = records.load(index)
         stats_of[index] = (record["unique"], bool(record["skipped"]), Parts.from_arrays(record))  # type: ignore[index]
     stats = [stats_of[w.index] for w in windows]
-    limit = DEFAULT_LIMIT_BYTES
+    limit = task_memory_limit()
     large, over = plan_components([s[2] for s in stats], windows, fg.chunks, settings.distance_type, limit)
     pieces, luniques, n_large = _segment_large(
         large, fg, dist, store, done, chunks, params, settings.device
     )
     table = table_of([s[0] for s in stats], large, luniques)
     report: InstanceReport = make_report([s[1] for s in stats], over, large, table, limit)
+    label_markers = resume.ChunkMarkers(done / "instances", "instances")
+    _check_table(done, table, label_markers)
     labels = da.from_zarr(keys, chunks=fg.chunks).map_blocks(
         _labels_block, table, pieces, dtype=np.uint32, meta=np.empty((0, 0, 0), np.uint32)
     )

@@ -11,7 +11,7 @@ import numpy as np
 import scipy.ndimage as ndi
 from hypothesis import strategies as st
 
-__all__ = ["assert_same_partition", "ball_maps", "balls", "chunkings", "rods", "shape_maps"]
+__all__ = ["assert_same_partition", "ball_chains", "ball_maps", "balls", "chunkings", "rods", "shape_maps"]
 
 
 def balls(shape: tuple[int, int, int], *, radius: tuple[float, float] = (1.5, 3.5), max_size: int = 6) -> Any:
@@ -28,6 +28,40 @@ def rods(shape: tuple[int, int, int], *, radius: tuple[float, float] = (1.5, 3.0
     point = (st.floats(0, z), st.floats(0, y), st.floats(0, x))
     rod = st.tuples(*point, *point, st.floats(*radius))
     return st.lists(rod, max_size=max_size)
+
+
+def ball_chains(
+    shape: tuple[int, int, int],
+    *,
+    n_balls: tuple[int, int] = (6, 14),
+    radius: tuple[float, float] = (2.0, 3.5),
+    max_chains: int = 2,
+) -> Any:
+    """Lists of balls ``(z, y, x, radius)`` forming chains of touching balls (a hypothesis strategy).
+
+    Each chain starts anywhere in `shape` and each next centre lies 0.6-1.3 radii from the previous one in a
+    random direction (clipped to the volume), so a chain is one connected foreground and one support
+    component, usually longer than a halo: crowded particles, filaments, blobs of touching particles.
+    """
+    z, y, x = (float(n - 1) for n in shape)
+    start = st.tuples(st.floats(0, z), st.floats(0, y), st.floats(0, x))
+    step = st.tuples(st.floats(-1, 1), st.floats(-1, 1), st.floats(-1, 1), st.floats(0.6, 1.3))
+    steps = st.lists(step, min_size=n_balls[0] - 1, max_size=n_balls[1] - 1)
+    chain = st.tuples(start, st.floats(*radius), steps)
+
+    def build(chains: list[Any]) -> list[tuple[float, float, float, float]]:
+        out = []
+        for origin, r, steps in chains:
+            c = np.asarray(origin, float)
+            out.append((*c, r))
+            for dz, dy, dx, length in steps:
+                d = np.asarray([dz, dy, dx])
+                d = d / n if (n := float(np.linalg.norm(d))) > 1e-6 else np.asarray([0.0, 0.0, 1.0])
+                c = np.clip(c + d * length * r, 0, [z, y, x])
+                out.append((*c, r))
+        return out
+
+    return st.lists(chain, min_size=1, max_size=max_chains).map(build)
 
 
 def chunkings(low: int = 6, high: int = 12) -> Any:

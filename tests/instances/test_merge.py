@@ -9,7 +9,7 @@ import dask.array as da
 import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
 
@@ -17,6 +17,7 @@ from cryosiam_dask.errors import ConfigError
 from cryosiam_dask.instances.components import BYTES_PER_VOXEL
 from cryosiam_dask.instances.merge import segment_instances
 from cryosiam_dask.instances.reference import from_original_kwargs, instance_segmentation
+from cryosiam_dask.instances.windows import margin_for
 from cryosiam_dask.testing import strategies
 
 PARAMS = dict(min_center_distance=1.0, max_center_distance=3.0, threshold_foreground=0.5, distance_type=1)
@@ -64,7 +65,30 @@ def test_property_chunked_equals_whole_volume(balls, rods, chunks, halo, distanc
     fg, dist = ball_maps((16, 20, 18), balls, rods)
     params = {**PARAMS, "distance_type": distance_type}
     out, report = check_against_reference(fg, dist, chunks, halo, params)
+    event(f"components segmented whole: {min(report.large, 2)}{'+' if report.large >= 2 else ''}")
     assert report.n_chunks == int(np.prod([-(-s // c) for s, c in zip(fg.shape, chunks, strict=True)]))
+
+
+CHAIN_SHAPE = (20, 32, 32)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    chains=strategies.ball_chains(CHAIN_SHAPE),
+    balls=strategies.balls(CHAIN_SHAPE, max_size=3),
+    rods=strategies.rods(CHAIN_SHAPE, max_size=1),
+    chunks=strategies.chunkings(6, 12),
+    extra_halo=st.integers(1, 4),
+    distance_type=st.sampled_from([0, 1, 2]),
+)
+def test_property_large_components_equal_whole_volume(chains, balls, rods, chunks, extra_halo, distance_type):
+    # chains of touching balls (one support component each) and rods, with the halo just above the margin:
+    # most examples have components larger than the halo allows; all must equal the whole-volume result
+    fg, dist = ball_maps(CHAIN_SHAPE, chains + balls, rods)
+    params = {**PARAMS, "distance_type": distance_type}
+    halo = margin_for(distance_type) + extra_halo
+    _, report = check_against_reference(fg, dist, chunks, halo, params)
+    event(f"components segmented whole: {min(report.large, 2)}{'+' if report.large >= 2 else ''}")
 
 
 LAYOUT = (24, 24, 24)
@@ -249,32 +273,78 @@ def test_benchmark_smoke(tmp_path):
     from benchmarks.bench_instances import main
 
     rows = main(["--shape", "24", "32", "32", "--chunks", "16", "--halo", "14", "--out", str(tmp_path)])
-    assert [r["run"] for r in rows] == ["in-memory reference", "chunked, 1 worker(s)", "chunked, 2 worker(s)"]
+    assert [r["run"] for r in rows] == [
+        "in-memory reference",
+        "chunked, 1 worker(s)",
+        "chunked, 2 worker(s)",
+        "store stage, 1 worker(s)",
+        "store stage, 2 worker(s)",
+    ]
+    assert all(r["ids_equal_reference"] for r in rows[1:])
+    assert all(r["worker_cpu_s"] > 0 and "speedup_vs_1_worker" in r for r in rows[1:])
     assert (tmp_path / "bench_instances_24x32x32.json").is_file()
 
 
-def test_run_layer_segments_large_components_whole_and_resumes(tmp_path):
+def _run_maps(fg, dist, chunks, store=None):
     from cryosiam_dask.run.maps import Maps
-    from cryosiam_dask.run.segment import segment_all
+
+    arrays = [fg, dist, np.zeros_like(fg)]
+    if store is None:
+        arrays = [da.from_array(a, chunks=chunks) for a in arrays]
+    else:  # as the pipeline reads them: straight from a zarr store
+        import zarr
+
+        group = zarr.open_group(str(store), mode="w")
+        zs = []
+        for name, a in zip(("foreground", "distances", "boundaries"), arrays, strict=True):
+            zs.append(group.create_array(name, shape=a.shape, chunks=chunks, dtype=np.float32))
+            zs[-1][...] = a
+        arrays = [da.from_zarr(z, chunks=chunks) for z in zs]
+    return Maps(*arrays, key="tube", raw_reused=False, report={})
+
+
+@pytest.mark.parametrize("backed", ["memory", "zarr"])
+def test_run_layer_segments_large_components_whole_and_resumes(tmp_path, backed, monkeypatch):
+    from cryosiam_dask.run import segment
+    from cryosiam_dask.run.segment import segment_all, zarr_source
     from cryosiam_dask.run.settings import InstanceSettings
 
     fg, dist = tube_maps()
     chunks = (20, 24, 24)
-    maps = Maps(
-        foreground=da.from_array(fg, chunks=chunks),
-        distance=da.from_array(dist, chunks=chunks),
-        boundary=da.zeros(fg.shape, chunks=chunks, dtype=np.float32),
-        key="tube",
-        raw_reused=False,
-        report={},
-    )
+    maps = _run_maps(fg, dist, chunks, tmp_path / "maps.zarr" if backed == "zarr" else None)
+    # zarr-backed maps: each window task reads its own window (no dask slicing)
+    assert (zarr_source(maps.foreground) is not None) == (backed == "zarr")
+    assert zarr_source(maps.foreground[1:]) is None
     settings = InstanceSettings(**PARAMS, boundary_bias=0.45, postprocessing=False, halo=12)
     expected = instance_segmentation(fg, dist, **PARAMS)
+    work = tmp_path / "work"
     with dask.config.set(scheduler="synchronous"):
-        (first,) = segment_all(["tube"], [maps], settings, tmp_path)
+        (first,) = segment_all(["tube"], [maps], settings, work)
         np.testing.assert_array_equal(first.labels.compute(), expected)
         assert first.report["large"] >= 1 and first.report["oversized"] == 0
         assert first.report["large_computed"] == first.report["large"]
-        (second,) = segment_all(["tube"], [maps], settings, tmp_path)  # everything reused
+        (second,) = segment_all(["tube"], [maps], settings, work)  # everything reused
         assert second.report["windows_computed"] == 0 and second.report["large_computed"] == 0
+        assert second.report["label_chunks_computed"] == 0
         np.testing.assert_array_equal(second.labels.compute(), expected)
+        # a rerun under a memory limit too small for the tube: the windows are reused, the labels rewritten
+        monkeypatch.setattr(segment, "task_memory_limit", lambda: 1000 * BYTES_PER_VOXEL)
+        (third,) = segment_all(["tube"], [maps], settings, work)
+        assert third.report["windows_computed"] == 0 and third.report["oversized"] > 0
+        assert third.report["label_chunks_computed"] == int(np.prod(third.labels.numblocks))
+        out = third.labels.compute()
+        ids = np.unique(out[out > 0])
+        np.testing.assert_array_equal(ids, np.arange(1, ids.size + 1))
+
+
+def test_task_memory_limit_follows_the_workers():
+    from distributed import Client, LocalCluster
+
+    from cryosiam_dask.instances.components import DEFAULT_LIMIT_BYTES
+    from cryosiam_dask.run.segment import task_memory_limit
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, memory_limit="2GB", dashboard_address=None
+    ) as cluster, Client(cluster):
+        assert task_memory_limit() == 2 * 10**9 // 2 // 2  # half the worker's memory per thread
+    assert task_memory_limit() == DEFAULT_LIMIT_BYTES  # no client
