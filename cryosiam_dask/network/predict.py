@@ -24,6 +24,7 @@ from cryosiam_dask._types import ShapeZYX
 from cryosiam_dask.errors import CheckpointError, InputFileError, ParameterError
 from cryosiam_dask.network.normalize import normalize_block, volume_stats
 from cryosiam_dask.network.runtime import (
+    forward_batch_size,
     get_network,
     read_patch_size,
     run_network_batches,
@@ -31,6 +32,7 @@ from cryosiam_dask.network.runtime import (
     set_torch_threads,
 )
 from cryosiam_dask.network.tiling import (
+    BLOCK_RANGES,
     STRIDE,
     Plan,
     _exact_axis,
@@ -127,7 +129,8 @@ def _chunk_task(blocks, mask, *, checkpoint_path, device, amp, tf32, batch_size,
         set_tf32(tf32)
     model = get_network(checkpoint_path, device)
     window = _assemble_window(blocks, plan, size, shape, norm)
-    out = predict_block(window, model, plan, chunk_start, chunk_shape, batch_size=batch_size, amp=amp,
+    out = predict_block(window, model, plan, chunk_start, chunk_shape,
+                        batch_size=forward_batch_size(device, batch_size), amp=amp,
                         mask=None if mask is None else np.asarray(mask))
     return out if mask is None else out * mask
 
@@ -187,6 +190,7 @@ def predict_maps(
     data: tuple[float, float, float | None, float | None] = (0.0, 1.0, 0.0, 1.0), batch_size: int = 2,
     mask: da.Array | None = None, device: str = "cpu", amp: str | None = None,
     margin: int | None = None, window: int | None = None, patch_size: ShapeZYX | None = None,
+    block_ranges: int | None = BLOCK_RANGES,
 ) -> tuple[da.Array, da.Array, da.Array]:
     """Network maps of a tomogram, lazily, one dask task per chunk.
 
@@ -201,7 +205,8 @@ def predict_maps(
     data : (min, max, mean, std), default (0, 1, 0, 1)
         ``parameters.data``; a None mean or std is the volume's own (:func:`volume_stats`, computed now).
     batch_size : int, default 2
-        ``hyper_parameters.batch_size``: windows per forward pass.
+        ``hyper_parameters.batch_size``: windows per forward pass on CUDA (on CPU one window at a time,
+        see :func:`~cryosiam_dask.network.runtime.forward_batch_size`).
     mask : (Z, Y, X) dask.array.Array of int8, optional
         Lamella mask; maps are multiplied by it, and chunks where it is all zero skip the network.
     device : {"cpu", "cuda"}, default "cpu"
@@ -212,6 +217,9 @@ def predict_maps(
         largest patch edge).
     patch_size : (z, y, x) ints, optional
         The checkpoint's patch size when the caller has read it already (else read from the checkpoint).
+    block_ranges : int or None, default :data:`~cryosiam_dask.network.tiling.BLOCK_RANGES`
+        ``exact`` only: most patches per axis in one task
+        (:func:`~cryosiam_dask.network.tiling.inference_edges`); the maps do not depend on it.
 
     Returns
     -------
@@ -242,7 +250,7 @@ def predict_maps(
     blocks = tomogram.to_delayed()
     # exact: inference blocks on the kept-range grid, so each patch is evaluated once whatever the chunks
     out_edges = edges if tiling == "fast" else [
-        inference_edges(n, e, p) for n, e, p in zip(shape, edges, patch, strict=True)]
+        inference_edges(n, e, p, block_ranges) for n, e, p in zip(shape, edges, patch, strict=True)]
     out_chunks = tuple(tuple(np.diff(e).tolist()) for e in out_edges)
     masks = None if mask is None else mask.rechunk(out_chunks).to_delayed()
     task = dask.delayed(_chunk_task, pure=True)

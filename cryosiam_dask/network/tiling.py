@@ -29,11 +29,13 @@ import numpy as np
 
 from cryosiam_dask._types import ShapeZYX
 
-__all__ = ["STRIDE", "Plan", "exact_patch_evaluations", "fast_defaults", "inference_edges", "kept_ranges",
-           "owned_edges"]
+__all__ = ["BLOCK_RANGES", "STRIDE", "Plan", "exact_patch_evaluations", "fast_defaults", "inference_edges",
+           "kept_ranges", "owned_edges"]
 
 STRIDE = 8
 """Total down-sampling of the network (res5 is at 1/8): fast windows start and end on multiples of it."""
+BLOCK_RANGES = 2
+"""Default most patches per axis in one ``exact`` inference block (a task of at most 8 patches)."""
 
 
 def fast_defaults(patch: int) -> tuple[int, int]:
@@ -133,9 +135,12 @@ def owned_edges(n: int, patch: int) -> list[int]:
     return [e for e in edges if e <= n]
 
 
-def inference_edges(n: int, chunk_edges: list[int], patch: int) -> list[int]:
+def inference_edges(
+    n: int, chunk_edges: list[int], patch: int, max_ranges: int | None = BLOCK_RANGES
+) -> list[int]:
     """Inference-block edges of the ``exact`` tiling along one axis: each chunk edge snapped to the nearest
-    owned-range edge, so that every patch writes into exactly one block (and is evaluated once).
+    owned-range edge, so that every patch writes into exactly one block (and is evaluated once), and blocks
+    of more than `max_ranges` owned ranges split evenly.
 
     Parameters
     ----------
@@ -145,10 +150,25 @@ def inference_edges(n: int, chunk_edges: list[int], patch: int) -> list[int]:
         The storage chunks' edges, ``0 .. n``.
     patch : int
         Patch edge.
+    max_ranges : int or None, default :data:`BLOCK_RANGES`
+        Most owned ranges (patches) per block along the axis; None: blocks follow the chunks only.
+        Splitting changes no value (each patch still runs once, on the same input) but gives the workers
+        tasks of a few patches each, so a run of a few large chunks keeps every worker busy and balanced.
     """
     grid = np.asarray(owned_edges(n, patch))
-    snapped = {0, n} | {int(grid[np.argmin(np.abs(grid - e))]) for e in chunk_edges}
-    return sorted(snapped)
+    snapped = sorted({0, n} | {int(grid[np.argmin(np.abs(grid - e))]) for e in chunk_edges})
+    if max_ranges is None:
+        return snapped
+    if max_ranges < 1:
+        raise ValueError(f"max_ranges must be >= 1, got {max_ranges}")
+    out = [0]
+    for a, b in itertools.pairwise(snapped):
+        inner = [int(g) for g in grid if a < g < b]  # owned-range edges inside the block
+        k = len(inner) + 1
+        pieces = -(-k // max_ranges)
+        cuts = [inner[round(i * k / pieces) - 1] for i in range(1, pieces)]
+        out += [*cuts, b]
+    return out
 
 
 def exact_patch_evaluations(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import dask
@@ -153,6 +154,42 @@ def test_exact_chunked_equals_whole(standin, shape, chunks):
     for got, want in zip(maps, ref, strict=True):
         assert got.dtype == np.float32 and got.shape == shape
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_ranges", [None, 1, 3])
+def test_exact_maps_do_not_depend_on_the_block_split(standin, block_ranges):
+    """One chunk split into inference blocks of at most `block_ranges` patches per axis: the same maps."""
+    path, net = standin
+    shape = (37, 45, 29)
+    raw = np.random.default_rng(5).normal(0.5, 0.4, shape).astype(np.float32)
+    ref = reference.predict_whole(normalize.normalize_block(raw, **NORM), net, patch_size=PATCH, batch_size=2)
+    net.calls = 0
+    maps = _maps(da.from_array(raw, chunks=shape), path, tiling="exact", block_ranges=block_ranges)
+    distinct = [len(tl.owned_edges(n, p)) - 1 for n, p in zip(shape, PATCH, strict=True)]
+    assert net.calls == int(np.prod(distinct))
+    for got, want in zip(maps, ref, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("n", "chunk_edges", "patch", "max_ranges"), [
+    (160, [0, 160], 64, 2), (160, [0, 160], 64, 1), (160, [0, 70, 160], 64, 2),
+    (1000, [0, 256, 512, 768, 1000], 64, 2), (61, [0, 61], 32, 3), (37, [0, 10, 20, 30, 37], 16, 2),
+    (20, [0, 20], 64, 2),
+])
+def test_inference_edges_split_blocks_on_the_grid(n, chunk_edges, patch, max_ranges):
+    grid = tl.owned_edges(n, patch)
+    edges = tl.inference_edges(n, chunk_edges, patch, max_ranges)
+    unsplit = tl.inference_edges(n, chunk_edges, patch, None)
+    assert edges[0] == 0 and edges[-1] == n and edges == sorted(set(edges))
+    assert set(unsplit) <= set(edges) <= set(grid)  # the chunk-snapped edges stay, every edge is a grid edge
+    blocks = list(itertools.pairwise(edges))
+    per_block = [sum(a <= g < b for g in grid[:-1]) for a, b in blocks]
+    assert max(per_block) <= max_ranges
+    for a, b in itertools.pairwise(unsplit):  # an unsplit block is cut into as few, as even pieces as can be
+        inside = [k for (lo, hi), k in zip(blocks, per_block, strict=True) if a <= lo and hi <= b]
+        assert len(inside) == -(-sum(inside) // max_ranges) and max(inside) - min(inside) <= 1
+    with pytest.raises(ValueError, match="max_ranges"):
+        tl.inference_edges(n, chunk_edges, patch, 0)
 
 
 @pytest.mark.parametrize("chunks", [(10, 13, 7), (20, 17, 29), (37, 45, 29), (5, 45, 3)])
