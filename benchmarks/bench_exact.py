@@ -8,7 +8,8 @@ network's do). Rows per lamella case:
 - ``baseline``: :func:`~cryosiam_dask.network.reference.predict_whole` in this process, the network in
   ``channels_last_3d`` (flattered as a user of the original could), maps × mask;
 - ``exact`` at each ``--chunkings`` (``whole`` = one chunk) on a process LocalCluster;
-- ``fast`` at ``--fast-chunks`` (default the last chunking).
+- ``fast`` at ``--fast-chunks`` (default the last chunking), in float32 and with each ``--fast-amp``
+  (opt-in autocast, default bf16).
 
 Columns: wall and network time, output voxels/s, speed-up and wall ratio vs the baseline, peak RSS of the
 largest process and of all processes together (and their ratios), max-abs of each map vs the baseline, and the
@@ -112,7 +113,7 @@ def masked(base: dict, maps: tuple, mask: np.ndarray) -> tuple[dict, tuple]:
 
 
 def run_chunked(client: Any, volume: Any, mask: Any, ckpt: Path, tiling: str, chunks: tuple[int, ...],
-                batch_size: int) -> tuple[dict, tuple]:
+                batch_size: int, amp: str | None = None) -> tuple[dict, tuple]:
     """One chunked tiling on the cluster (the network is already loaded in every worker)."""
     import dask.array as da
 
@@ -123,11 +124,13 @@ def run_chunked(client: Any, volume: Any, mask: Any, ckpt: Path, tiling: str, ch
     lamella = client.persist(da.from_array(mask, chunks=chunks))
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        lazy = predict.predict_maps(tomogram, ckpt, tiling=tiling, batch_size=batch_size, mask=lamella)
+        lazy = predict.predict_maps(tomogram, ckpt, tiling=tiling, batch_size=batch_size, mask=lamella,
+                                    amp=amp)
         maps = tuple(client.compute(list(lazy), sync=True))
         wall = time.perf_counter() - t0
     patch = (int(ckpt.stem.split("_p")[-1]),) * 3
-    row = {"run": tiling, "chunks": "x".join(map(str, chunks)), "wall_s": wall, "mem": mem}
+    row = {"run": tiling if amp is None else f"{tiling} {amp}", "chunks": "x".join(map(str, chunks)),
+           "wall_s": wall, "mem": mem}
     if tiling == "exact":
         evals, distinct = tl.exact_patch_evaluations(volume.shape, tomogram.chunks, patch)
         row["patch_evaluations"] = f"{evals}/{distinct}"
@@ -149,8 +152,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--chunkings", nargs="+", default=["whole", "32,64,64", "80,128,128"],
                    help="'whole' or z,y,x edges")
     p.add_argument("--fast-chunks", default=None,
-                   help="chunking of the fast run (default: the last chunking; fast's windows are the "
-                   "chunk plus its margin, up to fast_window, so small chunks recompute more)")
+                   help="chunking of the fast run (default: the last chunking; fast's windows lie on a "
+                   "grid of the volume, so its maps do not depend on it)")
+    p.add_argument("--fast-amp", nargs="+", default=["none", "bf16"], choices=["none", "bf16", "fp16"],
+                   help="fast runs: float32 ('none', the default tiling's precision) and opt-in autocast")
     p.add_argument("--random-part", type=float, default=0.05)
     p.add_argument("--arch", choices=["real", "tiny"], default="real", help="tiny: a smoke test")
     p.add_argument("--patch", type=int, default=None, help="default 64 (real), 32 (tiny)")
@@ -196,15 +201,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             ref_labels = instances(ref)
             base["instances"] = int(ref_labels.max())
             case_rows = [base]
-            runs = [("exact", c) for c in chunkings] + [("fast", fast_chunks)]
+            runs = [("exact", c, None) for c in chunkings]
+            runs += [("fast", fast_chunks, None if a == "none" else a) for a in args.fast_amp]
             if case and not args.all_runs:
-                runs = [("exact", split)]
+                runs = [("exact", split, None)]
             with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), LocalCluster(
                 n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None
             ) as cluster, Client(cluster) as client:
                 client.run(runtime.get_network, str(ckpt))  # warm-up: the network once in every worker
-                for tiling, chunks in runs:
-                    row, maps = run_chunked(client, volume, mask, ckpt, tiling, chunks, args.batch_size)
+                for tiling, chunks, amp in runs:
+                    row, maps = run_chunked(client, volume, mask, ckpt, tiling, chunks, args.batch_size, amp)
                     for name, a, b in zip(MAPS, maps, ref, strict=True):
                         row[f"{name}_max_abs"] = float(np.abs(a - b).max())
                     labels = instances(maps)

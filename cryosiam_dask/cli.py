@@ -153,7 +153,7 @@ def instance_predict(
         str | None, typer.Option("--amp", help="bf16 | fp16 mixed precision (default off: float32).")
     ] = None,
     fast_window: Annotated[
-        int | None, typer.Option("--fast-window", help="fast tiling: network window edge (default 2x patch).")
+        int | None, typer.Option("--fast-window", help="fast tiling: window edge (default 1.5x patch).")
     ] = None,
     fast_margin: Annotated[
         int | None, typer.Option("--fast-margin", help="fast tiling: context voxels (default patch/4).")

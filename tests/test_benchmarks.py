@@ -30,7 +30,8 @@ def test_bench_exact_smoke(tmp_path, capsys):
                  "--lamella", "0.7", "0.3", "--workers", "1", "--out", str(tmp_path)])
     assert "| baseline |" in capsys.readouterr().out
     assert [(r["run"], r["lamella"]) for r in rows] == [
-        ("baseline", 0.7), ("exact", 0.7), ("exact", 0.7), ("fast", 0.7), ("baseline", 0.3), ("exact", 0.3)]
+        ("baseline", 0.7), ("exact", 0.7), ("exact", 0.7), ("fast", 0.7), ("fast bf16", 0.7),
+        ("baseline", 0.3), ("exact", 0.3)]
     for r in rows:
         if r["run"] == "exact":  # the same maps as the original's tiling, so the same instances
             assert r["instances_identical"] and r["distance_max_abs"] < 1e-4

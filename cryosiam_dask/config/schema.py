@@ -142,8 +142,8 @@ class DaskSettings(_Model):
     """Outputs to write, default ['cryosiam', 'ome-zarr']: CryoSiam's h5 + csv (read by its later steps) and a
     viewable OME-Zarr. Also 'raw' (the raw maps h5), 'mrc' (labels as MRC) and 'star' (centroids)."""
     fast_window: PosInt | None = None
-    """'fast' tiling: edge of the network's input windows (multiple of 8); default None = 2x the checkpoint's
-    patch, at least 128, at most 192 (a 192^3 window of the real architecture needs several GB)."""
+    """'fast' tiling: largest edge of the network's input windows (multiple of 8); default None = 1.5x the
+    checkpoint's patch, at least 96, at most 192 (a 128^3 window of the real architecture needs 4 GB)."""
     fast_margin: Annotated[int, Strict(), Field(ge=0)] | None = None
     """'fast' tiling: context voxels kept around each window's output; default None = patch/4 (rounded up to
     8), the smallest context any kept voxel of CryoSiam's own tiling has."""

@@ -1,11 +1,14 @@
-"""The network over a chunked tomogram: one dask task per output chunk, ``exact`` or ``fast`` tiling.
+"""The network over a chunked tomogram: one dask task per inference block, ``exact`` or ``fast`` tiling.
 
-For every output chunk a per-axis *plan* (:mod:`cryosiam_dask.network.tiling`) lists the network windows that
-write into it. One task per output chunk receives the tomogram blocks that its windows read
+The inference blocks lie on a grid of the volume (:mod:`cryosiam_dask.network.tiling`: the kept-range grid
+for ``exact``, at most :data:`~cryosiam_dask.network.tiling.BLOCK_RANGES` patches per axis; one core per
+block for ``fast``), not on the storage chunks. For every block a per-axis *plan* lists the network windows
+that write into it. Its task receives the tomogram blocks that those windows read
 (``tomogram.to_delayed()``), assembles and normalises the input window, runs the network (loaded once per
-worker process, :mod:`cryosiam_dask.network.runtime`) and writes the kept parts. Outputs keep the tomogram's
-chunks. ``exact`` equals :func:`cryosiam_dask.network.reference.predict_whole` for any chunking; ``fast``
-evaluates each voxel about once (see :func:`~cryosiam_dask.network.tiling.fast_defaults`).
+worker process, :mod:`cryosiam_dask.network.runtime`) and writes the kept parts; the maps are rechunked to
+the tomogram's chunks after. So both tilings give the same maps for any chunking: ``exact`` equals
+:func:`cryosiam_dask.network.reference.predict_whole`, ``fast`` evaluates each voxel about once (see
+:func:`~cryosiam_dask.network.tiling.fast_defaults`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from cryosiam_dask.network.tiling import (
     _segments,
     _window_slices,
     fast_defaults,
+    fast_edges,
     inference_edges,
     owned_edges,
 )
@@ -201,7 +205,8 @@ def predict_maps(
     checkpoint_path : str or Path
         CryoSiam instance checkpoint; each worker process loads it once (:func:`get_network`).
     tiling : {"fast", "exact"}, default "exact"
-        ``exact`` equals :func:`predict_whole` for any chunking; ``fast`` computes each voxel about once.
+        ``exact`` equals :func:`predict_whole` for any chunking; ``fast`` computes each voxel about once,
+        the same maps for any chunking too.
     data : (min, max, mean, std), default (0, 1, 0, 1)
         ``parameters.data``; a None mean or std is the volume's own (:func:`volume_stats`, computed now).
     batch_size : int, default 2
@@ -248,9 +253,13 @@ def predict_maps(
     size = tuple(max(n, p) for n, p in zip(shape, patch, strict=True))
     edges = [np.cumsum((0,) + tuple(c)).tolist() for c in tomogram.chunks]
     blocks = tomogram.to_delayed()
-    # exact: inference blocks on the kept-range grid, so each patch is evaluated once whatever the chunks
-    out_edges = edges if tiling == "fast" else [
-        inference_edges(n, e, p, block_ranges) for n, e, p in zip(shape, edges, patch, strict=True)]
+    # inference blocks on a grid of the volume, not of the chunks (rechunked after), so the maps do not depend
+    # on the chunking: exact, the kept-range grid (each patch evaluated once); fast, one core per block
+    if tiling == "exact":
+        out_edges = [inference_edges(n, e, p, block_ranges)
+                     for n, e, p in zip(shape, edges, patch, strict=True)]
+    else:
+        out_edges = [fast_edges(n, margin=margin, window=window) for n in shape]
     out_chunks = tuple(tuple(np.diff(e).tolist()) for e in out_edges)
     masks = None if mask is None else mask.rechunk(out_chunks).to_delayed()
     task = dask.delayed(_chunk_task, pure=True)

@@ -14,11 +14,12 @@ the plans.
     whatever the storage chunking (:func:`exact_patch_evaluations`); the maps are rechunked to the storage
     chunks after.
 ``fast``
-    Each chunk is split into cores of at most ``window - 2·margin`` voxels per axis; each core is evaluated
-    once with ``margin`` voxels of context on each side, its window start rounded down to a multiple of 8
-    (the network's stride) and its length up to a multiple of 8. As in the original, there is no context
-    beyond the near faces and the far faces wrap around. Agreement with ``exact`` and speed: see
-    :func:`fast_defaults`.
+    Each axis of the volume is split evenly into cores of at most ``window - 2·margin`` voxels
+    (:func:`fast_edges`), on a grid of the whole volume, so the maps do not depend on the storage chunking
+    either; each core is evaluated once with ``margin`` voxels of context on each side, its window start
+    rounded down to a multiple of 8 (the network's stride) and its length up to a multiple of 8. As in the
+    original, there is no context beyond the near faces and the far faces wrap around. Agreement with
+    ``exact`` and speed: see :func:`fast_defaults`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import numpy as np
 
 from cryosiam_dask._types import ShapeZYX
 
-__all__ = ["BLOCK_RANGES", "STRIDE", "Plan", "exact_patch_evaluations", "fast_defaults", "inference_edges",
-           "kept_ranges", "owned_edges"]
+__all__ = ["BLOCK_RANGES", "STRIDE", "Plan", "exact_patch_evaluations", "fast_defaults", "fast_edges",
+           "inference_edges", "kept_ranges", "owned_edges"]
 
 STRIDE = 8
 """Total down-sampling of the network (res5 is at 1/8): fast windows start and end on multiples of it."""
@@ -41,32 +42,35 @@ BLOCK_RANGES = 2
 def fast_defaults(patch: int) -> tuple[int, int]:
     """Default ``(margin, window)`` of the ``fast`` tiling for a patch edge `patch`.
 
-    margin = p/4 rounded up to a multiple of 8 (the original's smallest context); window = 2p, at least 128
-    and at most 192 (a 192³ window of the real architecture holds about 1.8 GB per 64-channel float32 tensor).
-    Window 128 instead of 64 (p = 32, tiny network, 64×128×128 chunk, warm worker) cut the maps stage from
-    3.3 s to 1.7 s at the same margin: fewer, larger windows recompute less of their margins.
+    margin = p/4 rounded up to a multiple of 8 (the original's smallest context); window = 1.5p rounded up
+    to a multiple of 8, at least 96 and at most 192, so a core is p voxels for p >= 64.
 
-    Measured on 2 shared CPU cores (sync scheduler, torch 2 threads), golden checkpoint (p = 32), against
-    ``exact``: max/mean abs difference of foreground, distance, boundary; wall time, whole-volume original in
-    brackets. Timings on this shared machine vary up to 4x from run to run; the differences are exact.
+    Why not larger windows: the real architecture's encoder holds several 64-channel float32 tensors of the
+    whole window, and larger windows are not faster per voxel on CPU. Real architecture, p = 64, margin 16,
+    one window, kept range only, 1 thread, per output voxel and peak RSS: 96³ 31.7 µs and 1.8 GiB, 128³
+    32.8 µs and 4.1 GiB, 112×160×160 29.9 µs and 5.6 GiB (and 1.7 s, 0.8 GiB per exact 64³ patch, whose
+    32³ kept voxels cost 52 µs each).
 
-    - golden 40×61×44, one chunk, margin 8, window 64: 0.163/0.0076, 1.07/0.069, 0.17/0.0057; 2.2 s (7.3 s)
-    - golden, one chunk, 16, 96: 0.151/0.0078, 0.98/0.071, 0.17/0.0059; 1.4 s
-    - golden, one chunk, 32, 128: 0.150/0.0078, 0.98/0.070, 0.17/0.0059; 1.5 s
-    - golden, chunks 24×32×32, 8, 64: 0.149/0.0075, 1.05/0.072, 0.21/0.0052; 8.6 s
-    - golden, chunks 24×32×32, 16, 64: 0.155/0.0075, 0.98/0.068, 0.15/0.0055; 8.1 s
-    - synthetic 48×80×80, one chunk, 8, 64: 0.166/0.0033, 0.81/0.061, 0.25/0.0052; 0.7 s (1.7 s)
-    - synthetic, one chunk, 16, 96: 0.162/0.0038, 0.79/0.068, 0.28/0.0062; 1.5 s
-    - synthetic, chunks 24×32×32, 8, 64: 0.212/0.0038, 0.85/0.068, 0.24/0.0049; 3.9 s
-
+    Agreement with ``exact``, golden checkpoint (p = 32), one chunk, max/mean abs difference of foreground,
+    distance, boundary: margin 8, window 64: 0.163/0.0076, 1.07/0.069, 0.17/0.0057; margin 16, window 96:
+    0.151/0.0078, 0.98/0.071, 0.17/0.0059; margin 32, window 128: 0.150/0.0078, 0.98/0.070, 0.17/0.0059.
     The difference hardly depends on the margin: it is the original's own context limit (a patch keeps
     only voxels 8 to 24 voxels from its border), not fast's; a larger margin does not bring fast closer to
-    ``exact``, so the default keeps p/4. Chunk size matters more for speed than the margin: with the tiny
-    network, chunks under 2p cost more in per-task overhead and small windows than they save (real
-    architecture, 64³, p = 64, chunks 64×64×32, 2 workers: fast 20 s vs whole 61 s, exact 90 s).
+    ``exact``, so the default keeps p/4.
     """
     margin = -(-patch // 4 // STRIDE) * STRIDE
-    return margin, max(min(max(2 * patch, 128), 192), 2 * margin + STRIDE)
+    window = -(-(3 * patch // 2) // STRIDE) * STRIDE
+    return margin, max(min(max(window, 96), 192), 2 * margin + STRIDE)
+
+
+def fast_edges(n: int, *, margin: int, window: int) -> list[int]:
+    """Core edges of the ``fast`` tiling along an axis of `n` voxels: ``ceil(n / core)`` even cores.
+
+    ``core = window - 2 * margin`` (at least :data:`STRIDE`). The grid is the volume's, not the chunks', so
+    each voxel is computed by the same window whatever the storage chunking.
+    """
+    core = max(window - 2 * margin, STRIDE)
+    return np.linspace(0, n, -(-n // core) + 1).round().astype(int).tolist()
 
 
 Plan = tuple[tuple[int, int, list[tuple[int, int, int, int]]], ...]

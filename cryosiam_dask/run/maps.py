@@ -1,8 +1,8 @@
 """Stage 2, maps: the network per chunk into ``<work_dir>/<stem>/maps-<key>.zarr``, resumable per chunk.
 
-The store is named by a hash of what the maps depend on (source file, checkpoint, normalisation, tiling and,
-for ``fast``, the chunking, mask files, batch size, amp). CryoSiam's own ``<stem>_preds.h5`` of the same
-settings in the prediction folder is reused instead of running the network, as the original does.
+The store is named by a hash of what the maps depend on (source file, checkpoint, normalisation, tiling
+(for ``fast``, its window and margin), mask files, batch size, amp). CryoSiam's own ``<stem>_preds.h5`` of
+the same settings in the prediction folder is reused instead of running the network, as the original does.
 """
 
 from __future__ import annotations
@@ -56,9 +56,8 @@ def maps_fingerprint(item: OpenedInput, network: NetworkSettings, inputs: InputS
         "source": [str(item.path), src.st_size, src.st_mtime_ns],
         "mask_folder": str(inputs.mask_folder) if inputs.mask_folder else None,
     }
-    if network.tiling == "fast":
-        fp["chunk_size"] = list(inputs.chunk_size)
-        fp["fast"] = [network.fast_window, network.fast_margin]
+    if network.tiling == "fast":  # its windows lie on a grid of the volume: the chunking is not a key
+        fp["fast"] = [network.fast_window, network.fast_margin, "volume grid"]
     return fp
 
 

@@ -210,6 +210,26 @@ def test_exact_evaluates_each_patch_once_whatever_the_chunking(standin, chunks):
 
 
 # --------------------------------------------------------------------------- fast
+@pytest.mark.parametrize("window", [32, 48])
+def test_fast_maps_do_not_depend_on_the_chunking(standin, window):
+    """fast's cores lie on a grid of the volume: the same windows, so the same maps, for any chunks."""
+    path, net = standin
+    shape = (30, 41, 36)
+    raw = np.random.default_rng(6).normal(0.5, 0.3, shape).astype(np.float32)
+    maps = []
+    for chunks in [shape, (15, 21, 36), (7, 9, 11), (30, 5, 36)]:
+        tomogram = da.from_array(raw, chunks=chunks)
+        lazy = predict.predict_maps(tomogram, path, tiling="fast", margin=8, window=window)
+        assert all(m.chunks == tomogram.chunks for m in lazy)
+        net.calls = 0
+        maps.append(dask.compute(*lazy, scheduler="sync"))
+        core = window - 16
+        assert net.calls == int(np.prod([-(-n // core) for n in shape]))  # one window per core
+    for other in maps[1:]:
+        for got, want in zip(other, maps[0], strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_fast_close_to_exact(standin):
     path, _ = standin
     raw = np.random.default_rng(4).normal(0.5, 0.2, (30, 41, 36)).astype(np.float32)
