@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cryosiam_dask.network.folding import FoldedBlock, fold_conv_bn, folded_params, new_conv
+from cryosiam_dask.network.folding import FoldedBlock, fold_conv_bn, folded_params, new_conv, pointwise
 from cryosiam_dask.network.model import InstanceNetwork
 
 __all__ = ["Kept", "PreparedNetwork", "prepare"]
@@ -137,20 +137,20 @@ class PreparedNetwork(nn.Module):
         )
         # FPN: the three low-resolution steps as in the original
         dec = bb.decoder
-        self.lat5 = copy.deepcopy(dec.layer1)
-        self.lat4 = copy.deepcopy(dec.layer2)
-        self.lat3 = copy.deepcopy(dec.layer3)
+        self.lat5 = pointwise(copy.deepcopy(dec.layer1))
+        self.lat4 = pointwise(copy.deepcopy(dec.layer2))
+        self.lat3 = pointwise(copy.deepcopy(dec.layer3))
         # projector[0] + BN1 moved through the last FPN step: up(P u) + (P L2) r2 + (P b2 + t1)
         proj = bb.projector
         p_w, p_b = folded_params(proj[0], proj[1])  # (fpn, fpn, 1, 1, 1), shift t1
         p_mat = p_w.flatten(1)  # (fpn, fpn)
-        self.pre_up = new_conv(p_w, None, proj[0])  # applied to the res3-level map before upsampling
+        self.pre_up = pointwise(new_conv(p_w, None, proj[0]))  # on the res3-level map, before upsampling
         l2_w = dec.layer4.weight.detach().double().flatten(1)  # (fpn, c2)
         l2_b = dec.layer4.bias.detach().double()
         lat_w = (p_mat @ l2_w).view(p_mat.shape[0], l2_w.shape[1], 1, 1, 1)
-        self.lat2 = new_conv(lat_w, p_mat @ l2_b + p_b, dec.layer4)
-        self.proj1 = fold_conv_bn(proj[3], proj[4])
-        self.proj2 = fold_conv_bn(proj[6], proj[7])  # affine=False BN folded too
+        self.lat2 = pointwise(new_conv(lat_w, p_mat @ l2_b + p_b, dec.layer4))
+        self.proj1 = pointwise(fold_conv_bn(proj[3], proj[4]))
+        self.proj2 = pointwise(fold_conv_bn(proj[6], proj[7]))  # affine=False BN folded too
         # heads: first convs concatenated, the second grouped (groups=3), the last dense block-diagonal
         heads = (hd.foreground_head, hd.distance_head, hd.boundary_head)
         k = heads[0][0].kernel_size
@@ -194,7 +194,7 @@ class PreparedNetwork(nn.Module):
             (B, c_i, Z_i, Y_i, X_i) outputs of layer1..layer4 (res2 at full resolution without max-pool,
             then ceil(n/2) per stride-2 level), as the original encoder's.
         """
-        x = torch.relu(self.stem(self._fmt(x)))
+        x = self.stem(self._fmt(x)).relu_()
         if self.maxpool is not None:
             x = self.maxpool(x)
         outs = []
@@ -226,8 +226,8 @@ class PreparedNetwork(nn.Module):
         """
         r = list(rng)
         z, r = _face_conv(self._fmt(z), self.head1, r, size, self.reach)
-        z, r = _face_conv(torch.relu(z), self.head2, r, size, self.reach)
-        z, r = _face_conv(torch.relu(z), self.head3, r, size, self.reach)
+        z, r = _face_conv(z.relu_(), self.head2, r, size, self.reach)
+        z, r = _face_conv(z.relu_(), self.head3, r, size, self.reach)
         return z, r
 
     def _extended(self, kept: Kept, size: Sequence[int]) -> list[tuple[int, int]]:
@@ -277,8 +277,9 @@ class PreparedNetwork(nn.Module):
             u = self.pre_up(u[:, :, src[0][0]:src[0][1], src[1][0]:src[1][1], src[2][0]:src[2][1]])
             up = _resize_crop(u, full_u, size, ext, src)
             r2 = res2[:, :, ext[0][0]:ext[0][1], ext[1][0]:ext[1][1], ext[2][0]:ext[2][1]]
-            h = torch.relu(self._fmt(up) + self.lat2(r2))
-            h = torch.relu(self.proj1(h))
+            h = self.lat2(r2)
+            h += up
+            h = self.proj1(h.relu_()).relu_()
             zmap = self.proj2(h)
             logits, r = self.run_heads(zmap, ext, size)
             crop = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(kept, r, strict=True))

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from benchmarks.flops import flops_per_output_voxel
 from cryosiam_dask.network.checkpoint import load_checkpoint
-from cryosiam_dask.network.folding import fold_conv_bn
+from cryosiam_dask.network.folding import Pointwise, fold_conv_bn, pointwise
 from cryosiam_dask.network.model import InstanceNetwork, build_model
 from cryosiam_dask.network.prepared import PreparedNetwork, _resize_crop, _upsample_taps, prepare
 from cryosiam_dask.network.tiling import kept_ranges
@@ -91,6 +91,28 @@ def test_fold_conv_bn(affine: bool, bias: bool, stride: int) -> None:
     with torch.inference_mode():
         torch.testing.assert_close(folded(x), bn(conv(x)), atol=1e-5, rtol=1e-5)
     assert folded.stride == conv.stride and folded.padding == conv.padding and folded.bias is not None
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_equals_the_1x1_convolution(stride: int, bias: bool, channels_last: bool) -> None:
+    gen = torch.Generator().manual_seed(1)
+    conv = nn.Conv3d(7, 5, 1, stride=stride, bias=bias)
+    x = torch.randn(2, 7, 9, 10, 11, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    pw = pointwise(conv)
+    assert isinstance(pw, Pointwise)
+    with torch.inference_mode():
+        got, want = pw(x), conv(x)
+    assert got.shape == want.shape  # ceil(n / stride) per axis, as the convolution
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    for other in (nn.Conv3d(7, 5, 3, padding=1), nn.Conv3d(6, 6, 1, groups=2), nn.Conv3d(7, 5, 1, padding=1)):
+        assert pointwise(other) is other  # not pointwise: left as it is
+        with pytest.raises(ValueError, match="not a pointwise"):
+            Pointwise(other)
 
 
 def test_encoder_folding(random_tiny: InstanceNetwork, random_patches: torch.Tensor) -> None:
