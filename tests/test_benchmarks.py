@@ -37,3 +37,14 @@ def test_bench_exact_smoke(tmp_path, capsys):
             assert r["instances_identical"] and r["distance_max_abs"] < 1e-4
         assert r["wall_s"] > 0 and r["largest_rss_GiB"] > 0
     assert json.loads((tmp_path / "bench_exact_32x48x48.json").read_text())["results"]
+
+
+def test_fast_vs_golden(golden, capsys):
+    from benchmarks.fast_vs_golden import main
+
+    rows = main(["--golden", str(golden)])
+    assert "| original |" in capsys.readouterr().out
+    exact = next(r for r in rows if r["run"] == "exact")
+    fast = next(r for r in rows if r["run"] == "fast")
+    assert exact["identical_ids"] and exact["dist_max"] < 1e-4  # exact reproduces the original
+    assert 0 < fast["f1"] <= 1 and fast["same_fg_decision"] > 0.99
