@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     from cryosiam_dask.api import predict, segment
     from cryosiam_dask.demo import match_instances
+    from cryosiam_dask.instances.reference import from_original_kwargs
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--golden", type=Path, default=GOLDEN)
@@ -46,8 +47,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with h5py.File(g / "predictions" / "TS_tiny_instance_preds.h5") as f:
         ref_labels = f["instances"][:]
     kw = json.loads((g / "postprocessing" / "settings.json").read_text())["a_default"]["kwargs"]
-    post = dict(threshold_foreground=kw["assignment_threshold"], min_center_distance=kw["threshold_min"],
-                max_center_distance=kw["threshold_max"], distance_type=kw["distance_type"])
+    post = from_original_kwargs(kw)
     rows = [{"run": "original", "instances": len(np.unique(ref_labels)) - 1}]
     for tiling in ("exact", "fast"):
         with dask.config.set(scheduler="synchronous"):
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for name, got, want in zip(("fg", "dist", "bnd"), maps, ref, strict=True):
             d = np.abs(got - want)
             row[f"{name}_max"], row[f"{name}_mean"] = float(d.max()), float(d.mean())
-        t = kw["assignment_threshold"]
+        t = post["threshold_foreground"]
         row["same_fg_decision"] = float(np.mean((maps[0] > t) == (ref[0] > t)))
         row["instances"] = len(np.unique(labels)) - 1
         row["matched"] = match_instances(ref_labels, labels, iou=0.5)
