@@ -3,9 +3,10 @@
 Commands keep CryoSiam's spellings (``instance_predict --config_file ... --filename ...``) and add flags
 that override the config's ``cryosiam_dask:`` section. torch, dask and the GPU stack are imported inside the
 command bodies, so ``--help`` is instant. A :class:`~cryosiam_dask.errors.CryoSiamDaskError` (bad config,
-missing file, a dead worker, a task that raised, ...) is printed as one ``error: ...`` line on stderr with
-exit code 2 (``--debug`` prints the cause's traceback first); an exception outside a run's stages keeps its
-traceback.
+missing file, a lost scheduler, ...) is printed as one ``error: ...`` line on stderr with exit code 2
+(``--debug`` prints the cause's traceback first). A run in which tomograms failed (a task that raised, a dead
+worker, an unreadable file) prints one ``error: ...`` line per failed tomogram and the summary, and exits
+with code 3; the other tomograms are written. An exception outside a run's stages keeps its traceback.
 """
 
 import logging
@@ -18,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from cryosiam_dask import __version__
-from cryosiam_dask.errors import ConfigError, CryoSiamDaskError, InputFileError
+from cryosiam_dask.errors import ConfigError, CryoSiamDaskError, InputFileError, TomogramsFailed
 
 logger = logging.getLogger("cryosiam_dask")
 
@@ -71,6 +72,11 @@ def _user_errors(debug: bool = False) -> Iterator[None]:
     """
     try:
         yield
+    except TomogramsFailed as e:  # the run ended: one line per failed tomogram, then the summary
+        for failure in e.failed:
+            typer.echo(f"error: {failure.line()}", err=True)
+        typer.echo(f"instance_predict: {e.summary} (exit code {e.exit_code})", err=True)
+        raise typer.Exit(e.exit_code) from None
     except CryoSiamDaskError as e:
         if debug and e.__cause__ is not None:
             import traceback
@@ -78,7 +84,7 @@ def _user_errors(debug: bool = False) -> Iterator[None]:
             traceback.print_exception(e.__cause__, file=sys.stderr)
         message = " ".join(str(e).splitlines()) or type(e).__name__
         typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(e.exit_code) from None
 
 
 def _version(value: bool) -> None:
@@ -140,8 +146,13 @@ def instance_predict(
         str | None,
         typer.Option(
             "--work-dir-cleanup",
-            help="After a successful run remove: stale stores (stale, default), all (all) or none (keep).",
+            help="stale (default): after the run, stores of other settings; all: a tomogram's stores as soon "
+            "as its outputs are written; keep: none.",
         ),
+    ] = None,
+    in_flight: Annotated[
+        int | None,
+        typer.Option("--tomograms-in-flight", help="Tomograms at once (default: workers + 1, >= 2)."),
     ] = None,
     formats: Annotated[
         str | None,
@@ -176,6 +187,7 @@ def instance_predict(
         "memory_limit": _memory_limit(memory_limit),
         "work_dir": work_dir,
         "work_dir_cleanup": work_dir_cleanup,
+        "tomograms_in_flight": in_flight,
         "output_formats": _formats(formats),
         "amp": amp,
         "fast_window": fast_window,

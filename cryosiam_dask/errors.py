@@ -5,7 +5,9 @@ from __future__ import annotations
 
 
 class CryoSiamDaskError(Exception):
-    """Base class: the CLI prints the message on one line and exits with code 2."""
+    """Base class: the CLI prints the message on one line and exits with ``exit_code`` (2)."""
+
+    exit_code = 2
 
 
 class ConfigError(CryoSiamDaskError, ValueError):
@@ -53,3 +55,22 @@ class ClusterError(CryoSiamDaskError, RuntimeError):
 
 class TaskError(CryoSiamDaskError, RuntimeError):
     """A dask task raised: the message is its exception's type and text, on one line."""
+
+
+class TomogramsFailed(CryoSiamDaskError):
+    """A run ended with one or more tomograms failed (the others written); the CLI exits with code 3.
+
+    Attributes
+    ----------
+    failed : list of TomogramFailure
+        Each failed tomogram, its stage and its one-line cause (``.line()``).
+    results : list of TomogramResult
+        The tomograms that were written.
+    """
+
+    exit_code = 3
+
+    def __init__(self, failed: list, results: list, summary: str) -> None:
+        names = ", ".join(f.stem for f in failed)
+        super().__init__(f"{len(failed)} tomogram(s) failed ({names}): {summary}")
+        self.failed, self.results, self.summary = failed, results, summary

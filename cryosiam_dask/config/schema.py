@@ -134,10 +134,18 @@ class DaskSettings(_Model):
     work_dir: AbsPath | None = None
     """Intermediate zarr stores; default None = <prediction_folder>/.cryosiam_dask."""
     work_dir_cleanup: Literal["stale", "keep", "all"] = "stale"
-    """What a successful run removes from work_dir/<stem>: 'stale' (default) the stores of other settings or
-    inputs (a changed setting, a new checkpoint), keeping the ones it used so a rerun is instant; 'all' every
-    store of the stem (outputs only; a rerun recomputes); 'keep' nothing. Only our own store names are
+    """What is removed from work_dir/<stem>: 'stale' (default, after a successful run) the stores of other
+    settings or inputs (a changed setting, a new checkpoint), keeping the ones it used so a rerun (e.g. a new
+    threshold) is instant; 'all' every store of a tomogram and its zarr conversion as soon as its outputs are
+    written (the least disk: outputs only; a rerun recomputes); 'keep' nothing. Only our own store names are
     removed, never while another run uses the stem's work_dir."""
+    tomograms_in_flight: PosInt | None = None
+    """Tomograms whose chains (inputs -> maps -> instances -> multicut -> outputs) run at once; default None =
+    the cluster's workers + 1 (at least 2): one tomogram's post-processing overlaps the next one's network,
+    and outputs appear tomogram by tomogram. Each tomogram in flight holds its intermediate stores on disk."""
+    paused_timeout: Annotated[float, Field(gt=0)] = 600.0
+    """Seconds every dask worker may stay paused (distributed pauses a worker at 80 % of its memory_limit)
+    before the run stops with one line naming memory, default 600."""
     output_formats: Annotated[list[OutputFormat], Field(min_length=1)] = ["cryosiam", "ome-zarr"]
     """Outputs to write, default ['cryosiam', 'ome-zarr']: CryoSiam's h5 + csv (read by its later steps) and a
     viewable OME-Zarr. Also 'raw' (the raw maps h5), 'mrc' (labels as MRC) and 'star' (centroids)."""

@@ -231,7 +231,7 @@ def _chunk_edge_stats(
 
 def multicut_chunked(
     labels: da.Array, boundary: da.Array, *, boundary_bias: float, domain_sigma: float = 1.0,
-    range_sigma: float = 0.1,
+    range_sigma: float = 0.1, compute: Any = dask.compute,
 ) -> tuple[da.Array, int]:
     """:func:`multicut_postprocess` of a chunked volume: the same labels, chunk by chunk.
 
@@ -249,6 +249,8 @@ def multicut_chunked(
         The raw boundary map (after the lamella mask), not smoothed.
     boundary_bias : float
         elf's beta; 1 returns `labels` unchanged, as CryoSiam.
+    compute : callable, default dask.compute
+        Computes the per-chunk edge statistics (the run layer passes its tomogram's lane).
 
     Returns
     -------
@@ -276,7 +278,7 @@ def multicut_chunked(
         tasks.append(task(labels[region], boundary[reach], pad=pad,
                           low_halo=tuple(int(i > 0) for i in index), domain_sigma=domain_sigma,
                           range_sigma=range_sigma))
-    u, v, sums, counts = merge_edge_stats(list(dask.compute(*tasks)))
+    u, v, sums, counts = merge_edge_stats(list(compute(*tasks)))
     present = np.unique(np.concatenate([u, v, np.zeros(1, np.uint64)]))
     n_nodes = int(present.max()) + 1
     node_labels = solve_multicut(u, v, sums, counts, boundary_bias=boundary_bias, n_nodes=n_nodes)

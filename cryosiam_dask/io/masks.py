@@ -35,6 +35,14 @@ class _MaskFile:
         self.ndim = len(self.shape)
 
     def __getitem__(self, index: object) -> np.ndarray:
+        try:
+            return self._read(index)
+        except (OSError, ValueError) as e:  # a damaged chunk, a disk error: name the file, not h5py's words
+            text = " ".join(str(e).split()) or type(e).__name__
+            what = f"{type(e).__name__}: {text}"
+            raise InputFileError(f"{self.path}: cannot read the lamella mask ({what})") from e
+
+    def _read(self, index: object) -> np.ndarray:
         if self.key is not None:
             import h5py
 
@@ -46,7 +54,8 @@ class _MaskFile:
                 return np.asarray(mrc.data[index]).astype(np.int8)
 
 
-def _find_mask(mask_folder: Path, stem: str) -> _MaskFile:
+def find_mask(mask_folder: Path, stem: str) -> _MaskFile:
+    """The lamella mask file of `stem` in `mask_folder` (header read only); InputFileError names it if bad."""
     import h5py
 
     h5_path = mask_folder / f"{stem}_preds.h5"
@@ -110,7 +119,7 @@ def read_mask(
     """
     if mask_folder is None or str(mask_folder) == "":
         return None
-    source = _find_mask(Path(mask_folder), stem)
+    source = find_mask(Path(mask_folder), stem)
     shape = tuple(int(s) for s in shape)
     if len(source.shape) != len(shape):
         raise InputFileError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,10 @@ from cryosiam_dask.network.tiling import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["patch_skip_fraction", "predict_block", "predict_maps", "skipped_fraction"]
+__all__ = [
+    "InferenceBlock", "InferencePlan", "patch_skip_fraction", "plan_inference", "predict_block",
+    "predict_maps", "run_block", "skipped_fraction",
+]
 
 
 # --------------------------------------------------------------------------- per-chunk work
@@ -122,23 +126,6 @@ def predict_block(
     return out
 
 
-def _chunk_task(blocks, mask, *, checkpoint_path, device, amp, tf32, batch_size, plan, size, shape, norm,
-                chunk_start, chunk_shape):
-    """One output chunk: zeros where the mask is all zero, else window → network → kept parts × mask."""
-    if mask is not None and not np.any(mask):
-        return np.zeros((3, *chunk_shape), np.float32)
-    if device == "cpu":
-        set_torch_threads()
-    else:
-        set_tf32(tf32)
-    model = get_network(checkpoint_path, device)
-    window = _assemble_window(blocks, plan, size, shape, norm)
-    out = predict_block(window, model, plan, chunk_start, chunk_shape,
-                        batch_size=forward_batch_size(device, batch_size), amp=amp,
-                        mask=None if mask is None else np.asarray(mask))
-    return out if mask is None else out * mask
-
-
 # --------------------------------------------------------------------------- dask
 def skipped_fraction(mask: da.Array, chunks: tuple[tuple[int, ...], ...] | None = None) -> float:
     """Fraction of chunks whose mask is all zero (they skip the network).
@@ -189,6 +176,132 @@ def _validate(tomogram, checkpoint_path, tiling, data, batch_size, mask, device,
         raise ParameterError("amp", f"must be None, 'bf16' or 'fp16', got {amp!r}")
 
 
+@dataclass(frozen=True)
+class InferenceBlock:
+    """One inference task: a block of the inference grid and the tomogram blocks its windows read.
+
+    Attributes
+    ----------
+    index : (3,) tuple of int
+        Position on the inference grid.
+    start, shape : (z, y, x) ints
+        The block in volume coordinates.
+    plan : per-axis plan
+        See :func:`predict_block`.
+    reads : list of ((3,) int, (3,) int)
+        ``(storage block index, its offset)`` of every tomogram block the windows read.
+    """
+
+    index: tuple[int, ...]
+    start: ShapeZYX
+    shape: ShapeZYX
+    plan: Plan
+    reads: list[tuple[tuple[int, ...], tuple[int, ...]]]
+
+    @property
+    def region(self) -> tuple[slice, ...]:
+        return tuple(slice(a, a + n) for a, n in zip(self.start, self.shape, strict=True))
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    """The inference blocks of a tomogram and the keyword arguments every block's task shares.
+
+    ``grid`` is the per-axis block sizes (a dask ``chunks`` tuple); ``task_kwargs`` go to :func:`run_block`.
+    """
+
+    blocks: list[InferenceBlock]
+    grid: tuple[tuple[int, ...], ...]
+    task_kwargs: dict[str, Any]
+
+
+def run_block(blocks, mask, *, block: InferenceBlock, checkpoint_path, device, amp, tf32, batch_size, size,
+              shape, norm) -> np.ndarray:
+    """One inference block: zeros where the mask is all zero, else window -> network -> kept parts x mask.
+
+    `blocks` are ``(tomogram block, offset)`` pairs (:attr:`InferenceBlock.reads`); returns
+    (3, *shape) float32.
+    """
+    if mask is not None and not np.any(mask):
+        return np.zeros((3, *block.shape), np.float32)
+    if device == "cpu":
+        set_torch_threads()
+    else:
+        set_tf32(tf32)
+    model = get_network(checkpoint_path, device)
+    window = _assemble_window(blocks, block.plan, size, shape, norm)
+    out = predict_block(window, model, block.plan, block.start, block.shape,
+                        batch_size=forward_batch_size(device, batch_size), amp=amp,
+                        mask=None if mask is None else np.asarray(mask))
+    return out if mask is None else out * mask
+
+
+def _norm(tomogram, data) -> dict[str, float]:
+    a_min, a_max, mean, std = data
+    if mean is None or std is None:
+        vmean, vstd = volume_stats(tomogram, a_min=a_min, a_max=a_max)
+        mean, std = (vmean if mean is None else mean), (vstd if std is None else std)
+        logger.info("volume statistics: mean %s, std %s", mean, std)
+    return {"a_min": float(a_min), "a_max": float(a_max), "mean": float(mean), "std": float(std)}
+
+
+def _block_edges(shape, chunks, patch, tiling, margin, window, block_ranges) -> list[list[int]]:
+    """Inference-grid edges per axis: exact, the kept-range grid (each patch once); fast, a core per block."""
+    if tiling == "exact":
+        edges = [np.cumsum((0,) + tuple(c)).tolist() for c in chunks]
+        return [inference_edges(n, e, p, block_ranges) for n, e, p in zip(shape, edges, patch, strict=True)]
+    return [fast_edges(n, margin=margin, window=window) for n in shape]
+
+
+def plan_inference(
+    tomogram: da.Array, checkpoint_path: str | Path, *, tiling: str = "exact",
+    data: tuple[float, float, float | None, float | None] = (0.0, 1.0, 0.0, 1.0), batch_size: int = 2,
+    mask: da.Array | None = None, device: str = "cpu", amp: str | None = None,
+    margin: int | None = None, window: int | None = None, patch_size: ShapeZYX | None = None,
+    block_ranges: int | None = BLOCK_RANGES,
+) -> InferencePlan:
+    """The inference blocks of :func:`predict_maps` (same parameters), without building a graph.
+
+    The blocks lie on a grid of the volume, not of the storage chunks, so the maps do not depend on the
+    chunking; a caller that writes each block where it is computed runs each block once whatever the
+    storage chunks (:mod:`cryosiam_dask.run.maps`).
+    """
+    _validate(tomogram, checkpoint_path, tiling, data, batch_size, mask, device, amp)
+    norm = _norm(tomogram, data)
+    patch = tuple(patch_size) if patch_size is not None else read_patch_size(str(checkpoint_path))
+    if any(p % 4 for p in patch):
+        raise CheckpointError(f"checkpoint {checkpoint_path}: patch_size {patch} is not a multiple of 4")
+    default_margin, default_window = fast_defaults(max(patch))
+    margin = default_margin if margin is None else margin
+    window = default_window if window is None else window
+    if tiling == "fast" and (margin < 0 or window <= 2 * margin or window % STRIDE):
+        raise ParameterError(
+            "fast_window", f"and fast_margin: need 0 <= margin < window/2 and a window that is a "
+            f"multiple of {STRIDE}, got margin {margin}, window {window}"
+        )
+    shape = tuple(int(n) for n in tomogram.shape)
+    size = tuple(max(n, p) for n, p in zip(shape, patch, strict=True))
+    edges = [np.cumsum((0,) + tuple(c)).tolist() for c in tomogram.chunks]
+    out_edges = _block_edges(shape, tomogram.chunks, patch, tiling, margin, window, block_ranges)
+    blocks = []
+    for idx in itertools.product(*(range(len(e) - 1) for e in out_edges)):
+        bounds = [(e[i], e[i + 1]) for e, i in zip(out_edges, idx, strict=True)]
+        if tiling == "exact":
+            plan = tuple(_exact_axis(a, b, s, p) for (a, b), s, p in zip(bounds, size, patch, strict=True))
+        else:
+            plan = tuple(_fast_axis(a, b, s, margin=margin, window=window)
+                         for (a, b), s in zip(bounds, size, strict=True))
+        needed = [[j for j in range(len(e) - 1) if _reads(e[j], e[j + 1], w0, w1, s, n)]
+                  for e, (w0, w1, _), s, n in zip(edges, plan, size, shape, strict=True)]
+        reads = [(j, tuple(e[k] for e, k in zip(edges, j, strict=True))) for j in itertools.product(*needed)]
+        blocks.append(InferenceBlock(idx, tuple(a for a, _ in bounds), tuple(b - a for a, b in bounds), plan,
+                                     reads))
+    kwargs = {"checkpoint_path": str(checkpoint_path), "device": device, "amp": amp,
+              "tf32": tiling != "exact",
+              "batch_size": batch_size, "size": size, "shape": shape, "norm": norm}
+    return InferencePlan(blocks, tuple(tuple(np.diff(e).tolist()) for e in out_edges), kwargs)
+
+
 def predict_maps(
     tomogram: da.Array, checkpoint_path: str | Path, *, tiling: str = "exact",
     data: tuple[float, float, float | None, float | None] = (0.0, 1.0, 0.0, 1.0), batch_size: int = 2,
@@ -196,7 +309,7 @@ def predict_maps(
     margin: int | None = None, window: int | None = None, patch_size: ShapeZYX | None = None,
     block_ranges: int | None = BLOCK_RANGES,
 ) -> tuple[da.Array, da.Array, da.Array]:
-    """Network maps of a tomogram, lazily, one dask task per chunk.
+    """Network maps of a tomogram, lazily, one dask task per inference block.
 
     Parameters
     ----------
@@ -230,60 +343,23 @@ def predict_maps(
     -------
     foreground, distance, boundary : (Z, Y, X) dask.array.Array of float32
         Chunked like `tomogram`; foreground and boundary are probabilities, distance is raw (voxels).
+        Each inference block feeds every storage chunk it overlaps: computing these arrays runs each block
+        once per computation, but a graph that consumes storage chunks in separate chains may repeat it
+        (the pipeline writes each block from its own task instead, :mod:`cryosiam_dask.run.maps`).
     """
-    _validate(tomogram, checkpoint_path, tiling, data, batch_size, mask, device, amp)
-    a_min, a_max, mean, std = data
-    if mean is None or std is None:
-        vmean, vstd = volume_stats(tomogram, a_min=a_min, a_max=a_max)
-        mean, std = (vmean if mean is None else mean), (vstd if std is None else std)
-        logger.info("volume statistics: mean %s, std %s", mean, std)
-    norm = {"a_min": float(a_min), "a_max": float(a_max), "mean": float(mean), "std": float(std)}
-    patch = tuple(patch_size) if patch_size is not None else read_patch_size(str(checkpoint_path))
-    if any(p % 4 for p in patch):
-        raise CheckpointError(f"checkpoint {checkpoint_path}: patch_size {patch} is not a multiple of 4")
-    default_margin, default_window = fast_defaults(max(patch))
-    margin = default_margin if margin is None else margin
-    window = default_window if window is None else window
-    if tiling == "fast" and (margin < 0 or window <= 2 * margin or window % STRIDE):
-        raise ParameterError(
-            "fast_window", f"and fast_margin: need 0 <= margin < window/2 and a window that is a "
-            f"multiple of {STRIDE}, got margin {margin}, window {window}"
-        )
-    shape = tuple(int(n) for n in tomogram.shape)
-    size = tuple(max(n, p) for n, p in zip(shape, patch, strict=True))
-    edges = [np.cumsum((0,) + tuple(c)).tolist() for c in tomogram.chunks]
-    blocks = tomogram.to_delayed()
-    # inference blocks on a grid of the volume, not of the chunks (rechunked after), so the maps do not depend
-    # on the chunking: exact, the kept-range grid (each patch evaluated once); fast, one core per block
-    if tiling == "exact":
-        out_edges = [inference_edges(n, e, p, block_ranges)
-                     for n, e, p in zip(shape, edges, patch, strict=True)]
-    else:
-        out_edges = [fast_edges(n, margin=margin, window=window) for n in shape]
-    out_chunks = tuple(tuple(np.diff(e).tolist()) for e in out_edges)
-    masks = None if mask is None else mask.rechunk(out_chunks).to_delayed()
-    task = dask.delayed(_chunk_task, pure=True)
-    nested = np.empty(tuple(len(c) for c in out_chunks), object)
-    for idx in np.ndindex(*nested.shape):
-        bounds = [(e[i], e[i + 1]) for e, i in zip(out_edges, idx, strict=True)]
-        if tiling == "exact":
-            plan = tuple(_exact_axis(a, b, s, p) for (a, b), s, p in zip(bounds, size, patch, strict=True))
-        else:
-            plan = tuple(_fast_axis(a, b, s, margin=margin, window=window)
-                         for (a, b), s in zip(bounds, size, strict=True))
-        needed = [[j for j in range(len(e) - 1) if _reads(e[j], e[j + 1], w0, w1, s, n)]
-                  for e, (w0, w1, _), s, n in zip(edges, plan, size, shape, strict=True)]
-        inputs = [(blocks[j], tuple(e[k] for e, k in zip(edges, j, strict=True)))
-                  for j in itertools.product(*needed)]
-        chunk_start = tuple(a for a, _ in bounds)
-        chunk_shape = tuple(b - a for a, b in bounds)
-        out = task(inputs, None if masks is None else masks[idx], checkpoint_path=str(checkpoint_path),
-                   device=device, amp=amp, tf32=tiling != "exact", batch_size=batch_size, plan=plan,
-                   size=size, shape=shape,
-                   norm=norm, chunk_start=chunk_start, chunk_shape=chunk_shape)
-        nested[idx] = da.from_delayed(out, (3, *chunk_shape), dtype=np.float32,
-                                      meta=np.empty((0, 0, 0, 0), np.float32))
+    p = plan_inference(tomogram, checkpoint_path, tiling=tiling, data=data, batch_size=batch_size, mask=mask,
+                       device=device, amp=amp, margin=margin, window=window, patch_size=patch_size,
+                       block_ranges=block_ranges)
+    source = tomogram.to_delayed()
+    masks = None if mask is None else mask.rechunk(p.grid).to_delayed()
+    task = dask.delayed(run_block, pure=True)
+    nested = np.empty(tuple(len(c) for c in p.grid), object)
+    for b in p.blocks:
+        out = task([(source[j], offset) for j, offset in b.reads], None if masks is None else masks[b.index],
+                   block=b, **p.task_kwargs)
+        nested[b.index] = da.from_delayed(out, (3, *b.shape), dtype=np.float32,
+                                          meta=np.empty((0, 0, 0, 0), np.float32))
     maps = da.block(nested.tolist())
-    if out_chunks != tuple(tomogram.chunks):
+    if p.grid != tuple(tomogram.chunks):
         maps = maps.rechunk(((3,), *tomogram.chunks))
     return maps[0], maps[1], maps[2]

@@ -25,8 +25,54 @@ from cryosiam_dask.run.failures import (
     one_line,
     watching,
 )
+from cryosiam_dask.run.progress import Resources
 
 logger = logging.getLogger(__name__)
+
+GPU_RESOURCE = "GPU"
+"""Worker resource of the network's workers (one unit per GPU): the network tasks need one unit."""
+CPU_RESOURCE = "CPU"
+"""Worker resource of the host workers (one unit per thread): every other task needs one unit."""
+
+
+def resources_of(workers: dict[str, Any]) -> Resources:
+    """Which tasks need which worker resources, from what the cluster's workers advertise.
+
+    Network tasks need ``GPU`` when a worker advertises it; every other task needs ``CPU`` when a worker
+    advertises it (otherwise it may run anywhere). A cluster whose workers advertise neither (a plain
+    ``LocalCluster``, most ``scheduler_address`` clusters) runs every task anywhere: a resource that no worker
+    has would leave its tasks waiting forever.
+
+    Parameters
+    ----------
+    workers : dict
+        ``client.scheduler_info(n_workers=-1)["workers"]``.
+    """
+    seen: set[str] = set()
+    for w in workers.values():
+        seen |= {k for k, v in (w.get("resources") or {}).items() if v}
+    return Resources(
+        network={GPU_RESOURCE: 1} if GPU_RESOURCE in seen else None,
+        host={CPU_RESOURCE: 1} if CPU_RESOURCE in seen else None,
+    )
+
+
+def add_workers(cluster: Any, prefix: str, n: int, *, threads: int, resources: dict[str, float],
+                memory_limit: Any, processes: bool = True) -> list[str]:
+    """Add `n` workers advertising `resources` to a running local cluster (``SpecCluster``); their names.
+
+    Used for the CPU pool beside dask-cuda's GPU workers, so the same scheduler holds both.
+    """
+    from distributed import Nanny, Worker
+
+    names = [f"{prefix}-{i}" for i in range(n)]
+    for name in names:
+        cluster.worker_spec[name] = {
+            "cls": Nanny if processes else Worker,
+            "options": {"nthreads": threads, "resources": resources, "memory_limit": memory_limit},
+        }
+    cluster.scale(len(cluster.worker_spec))
+    return names
 
 
 @dataclass(frozen=True)
@@ -50,6 +96,9 @@ class ClusterPlan:
     threads_per_worker: int
     memory_limit: str
     gpus: tuple[int, ...] = ()
+    cpu_workers: int = 0
+    """``cuda``: host workers (``CPU`` resource) beside the GPU workers, for everything but the network."""
+    cpu_threads: int = 0
     scheduler_address: str | None = None
     dashboard_address: str | None = "127.0.0.1:8787"
 
@@ -138,12 +187,16 @@ def plan_cluster(
             require_gpu()  # cupy and cuCIM on the client before any work: no silent CPU fallback
         except ImportError as e:
             raise ConfigError(f"cryosiam_dask.device: {e}") from None
+        spare = max(1, (os.cpu_count() or 1) - len(gpus))  # one core per GPU worker feeds its GPU
+        threads = min(2, spare)
         return ClusterPlan(
             "cuda",
             len(gpus),
             threads_per_worker or 1,
             memory_limit,
             gpus=gpus,
+            cpu_workers=max(1, spare // threads),
+            cpu_threads=threads,
             dashboard_address=dashboard_address,
         )
     cores = os.cpu_count() or 1
@@ -230,12 +283,14 @@ def start_client(
                 client.register_plugin(WorkerStderrToFile(worker_log))
             except Exception as e:
                 logger.warning("the workers' stderr stays on the terminal (%s)", one_line(str(e)))
-        check_workers(client, n_workers=max(1, plan.n_workers), timeout=wait_s, where=where)
+        n_all = max(1, plan.n_workers + plan.cpu_workers)
+        check_workers(client, n_workers=n_all, timeout=wait_s, where=where)
         logger.info(
-            "started %s cluster: %d workers x %d threads; dashboard: %s",
+            "started %s cluster: %d workers x %d threads%s; dashboard: %s",
             plan.kind,
             plan.n_workers,
             plan.threads_per_worker,
+            f" + {plan.cpu_workers} CPU workers x {plan.cpu_threads} threads" * bool(plan.cpu_workers),
             client.dashboard_link if plan.dashboard_address else "off",
         )
         yield client
@@ -250,9 +305,10 @@ def _local_cluster(plan: ClusterPlan, processes: bool) -> Any:
             from dask_cuda import LocalCUDACluster
         except ImportError as e:
             raise ImportError(GPU_HINT) from e
-        return LocalCUDACluster(
+        cluster = LocalCUDACluster(
             CUDA_VISIBLE_DEVICES=list(plan.gpus),
             threads_per_worker=plan.threads_per_worker,
+            resources={GPU_RESOURCE: 1},
             memory_limit=plan.memory_limit,
             # one allocator for torch and cupy: RMM on CUDA's stream-ordered pool (cudaMallocAsync), which
             # reuses freed blocks; without a pool or async RMM every allocation is a cudaMalloc/cudaFree
@@ -260,6 +316,10 @@ def _local_cluster(plan: ClusterPlan, processes: bool) -> Any:
             rmm_allocator_external_lib_list=["cupy", "torch"],
             dashboard_address=plan.dashboard_address,
         )
+        # the host pool: watershed, multicut and outputs on the remaining cores while the GPUs run the network
+        add_workers(cluster, "cpu", plan.cpu_workers, threads=plan.cpu_threads,
+                    resources={CPU_RESOURCE: plan.cpu_threads}, memory_limit=plan.memory_limit)
+        return cluster
     return LocalCluster(
         n_workers=plan.n_workers,
         threads_per_worker=plan.threads_per_worker,

@@ -17,11 +17,11 @@ from typing import Any
 
 from cryosiam_dask._types import ShapeZYX
 from cryosiam_dask.config import InstanceConfig
-from cryosiam_dask.errors import ClusterError, OutputError, TaskError
+from cryosiam_dask.errors import ClusterError, InputFileError, OutputError, TaskError, TomogramsFailed
 from cryosiam_dask.run import resume
 from cryosiam_dask.run.locks import WorkDirLock, acquire_lock, hold_work_dir, release_lock, try_exclusive
 from cryosiam_dask.run.settings import RunSettings
-from cryosiam_dask.run.stages import TomogramResult, run_stages
+from cryosiam_dask.run.stages import RunSummary, TomogramResult, run_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ def validate(config: InstanceConfig, *, filename: str | None = None) -> tuple[li
     Raises a one-line :class:`~cryosiam_dask.errors.CryoSiamDaskError` for a missing or bad input file, mask,
     checkpoint, unsupported option or unwritable prediction folder.
     """
-    from cryosiam_dask.io.tomograms import check_tomogram
     from cryosiam_dask.network.checkpoint import load_checkpoint, patch_size_of
     from cryosiam_dask.network.model import build_model
 
@@ -56,13 +55,32 @@ def validate(config: InstanceConfig, *, filename: str | None = None) -> tuple[li
 
         check_multicut_available()  # before any work: a missing extra names itself in one line
     files = config.validate_paths(filename)
-    for f in files:
-        if f.suffix != ".zarr":
-            check_tomogram(f)
+    _check_inputs(config, files)
     ckpt = load_checkpoint(config.checkpoint_path)
     build_model(ckpt)  # every inference-path tensor present and shaped
     _check_writable(config.prediction_folder)
     return files, patch_size_of(ckpt)
+
+
+def _check_inputs(config: InstanceConfig, files: list[Path]) -> None:
+    """Every tomogram's header and every lamella mask's presence; one error naming every bad file."""
+    from cryosiam_dask.io.masks import find_mask
+    from cryosiam_dask.io.tomograms import check_tomogram
+
+    problems = []
+    for f in files:
+        try:
+            if f.suffix != ".zarr":
+                check_tomogram(f)
+            if config.mask_folder is not None:
+                find_mask(config.mask_folder, config.stem(f))
+        except InputFileError as e:
+            problems.append(str(e))
+    if len(problems) == 1:
+        raise InputFileError(problems[0])
+    if problems:
+        raise InputFileError(f"{len(problems)} of {len(files)} tomograms have bad input files: "
+                             + "; ".join(problems))
 
 
 def _add_log_file(config: InstanceConfig) -> logging.Handler | None:
@@ -132,6 +150,9 @@ def instance_predict(
 ) -> list[TomogramResult]:
     """CryoSiam's ``instance_predict`` for every tomogram of ``config`` (or only ``filename``).
 
+    Tomograms stream through their chains (``cryosiam_dask.tomograms_in_flight`` at once); a tomogram
+    that fails costs that tomogram only.
+
     Parameters
     ----------
     config : InstanceConfig
@@ -147,44 +168,40 @@ def instance_predict(
     Returns
     -------
     list of TomogramResult
-        One per tomogram: instance count, output paths, report (skipped chunks, oversized objects, timings).
+        One per tomogram, in input order: instance count, output paths, report (timings, chunks computed).
+
+    Raises
+    ------
+    TomogramsFailed
+        After the run, when one or more tomograms failed (the others are written): ``.failed`` and
+        ``.results``; the CLI exits with code 3.
+    CryoSiamDaskError
+        Refused before any work (config, input files, checkpoint, cluster start; code 2), or a run-wide
+        failure (the scheduler lost, every worker paused for lack of memory).
     """
     from cryosiam_dask.run.cluster import resolve_device
 
     files, patch_size = validate(config, filename=filename)
     s = config.cryosiam_dask
     device = resolve_device(s.device)
-    locks: list[Path] = []
-    held: dict[str, WorkDirLock] = {}
-    try:
-        for f in files:
-            locks.append(acquire_lock(config.prediction_folder, config.stem(f)))
-        for f in files:  # after the output locks: a second run of the same stems stops before waiting here
-            held[config.stem(f)] = hold_work_dir(config.work_dir, config.stem(f))
-    except BaseException:
-        for work_lock in held.values():
-            work_lock.release()
-        for lock in locks:
-            release_lock(lock)
-        raise
+    pairs = [(f, config.stem(f)) for f in files]
+    locks, held = _lock_stems(config, pairs)
     handler = _add_log_file(config)
     try:
         logger.info(
             "instance_predict: %d tomogram(s), device %s, tiling %s, chunks %s, halo %d",
-            len(files),
-            device,
-            s.tiling,
-            tuple(s.chunk_size),
-            s.halo,
+            len(files), device, s.tiling, tuple(s.chunk_size), s.halo,
         )
         settings = RunSettings.from_config(config, device=device, patch_size=patch_size)
-        pairs = [(f, config.stem(f)) for f in files]
         with resume.record_stores() as used:
-            results = _run(settings, pairs, config, device, client, processes, handler)
+            summary = _run(settings, pairs, config, device, client, processes, handler, held)
         stems = [stem for _, stem in pairs]
         collect_stale_stores(settings.inputs.work_dir, stems, held, used, settings.inputs.work_dir_cleanup)
-        return results
-    except (ClusterError, TaskError) as e:
+        logger.info("instance_predict: %s", summary.line())
+        if summary.failed:
+            raise TomogramsFailed(summary.failed, summary.done, summary.line())
+        return summary.done
+    except (ClusterError, TaskError, TomogramsFailed) as e:
         _log_traceback(handler, e)
         raise
     finally:
@@ -197,6 +214,40 @@ def instance_predict(
             release_lock(lock)
 
 
+def _lock_stems(config: InstanceConfig, pairs: list[tuple[Path, str]]) -> tuple[list[Path], dict]:
+    """The output locks of every stem, then their work_dir locks (all or none)."""
+    locks: list[Path] = []
+    held: dict[str, WorkDirLock] = {}
+    try:
+        for _, stem in pairs:
+            locks.append(acquire_lock(config.prediction_folder, stem))
+        for _, stem in pairs:  # after the output locks: a second run of the same stems stops before waiting
+            held[stem] = hold_work_dir(config.work_dir, stem)
+    except BaseException:
+        for work_lock in held.values():
+            work_lock.release()
+        for lock in locks:
+            release_lock(lock)
+        raise
+    return locks, held
+
+
+def _cleanup_now(settings: RunSettings, held: dict[str, WorkDirLock]) -> Any:
+    """``work_dir_cleanup: all``: a callback removing a tomogram's stores once its outputs are written."""
+    if settings.inputs.work_dir_cleanup != "all":
+        return None
+
+    def remove(result: TomogramResult) -> None:
+        collect_stale_stores(settings.inputs.work_dir, [result.stem], held, set(), "all")
+        conversion = settings.inputs.work_dir / f"{result.stem}.zarr"
+        if conversion.is_dir() and held.get(result.stem) is not None:
+            import shutil
+
+            shutil.rmtree(conversion, ignore_errors=True)
+
+    return remove
+
+
 def _run(
     settings: RunSettings,
     pairs: list[tuple[Path, str]],
@@ -205,13 +256,14 @@ def _run(
     client: Any,
     processes: bool,
     handler: logging.Handler | None,
-) -> list[TomogramResult]:
-    """The stages on ``client``, or on the cluster of the config's settings (started and closed here)."""
+    held: dict[str, WorkDirLock],
+) -> RunSummary:
+    """The dataset on ``client``, or on the cluster of the config's settings (started and closed here)."""
     from cryosiam_dask.run.cluster import plan_cluster, start_client
 
     s = config.cryosiam_dask
     if client is not None:
-        return run_stages(settings, pairs)
+        return _stream(settings, pairs, s, client, held)
     plan = plan_cluster(
         device=device,
         scheduler_address=s.scheduler_address,
@@ -227,5 +279,32 @@ def _run(
         if log_file
         else None
     )
-    with start_client(plan, processes=processes, worker_log=worker_log):
-        return run_stages(settings, pairs)
+    with start_client(plan, processes=processes, worker_log=worker_log) as started:
+        return _stream(settings, pairs, s, started, held)
+
+
+def _stream(settings: RunSettings, pairs: list[tuple[Path, str]], s: Any, client: Any,
+            held: dict[str, WorkDirLock]) -> RunSummary:
+    """:func:`run_dataset` on `client`, with the memory watchdog and the work dir's peak."""
+    from dataclasses import replace
+
+    from cryosiam_dask.run.cluster import resources_of
+    from cryosiam_dask.run.monitor import DiskPeak, PausedWatchdog
+    from cryosiam_dask.run.progress import Abort
+
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    resources = resources_of(workers)
+    if resources.host is not None and settings.instances.device != "cpu":
+        # the instance stage runs on the CPU workers: their threads, not the GPUs' one each
+        settings = replace(settings, instances=replace(settings.instances, device="cpu"))
+    in_flight = s.tomograms_in_flight or max(2, len(workers) + 1)
+    logger.info("%d tomogram(s) in flight; network tasks on %s, the rest on %s", min(in_flight, len(pairs)),
+                resources.network or "any worker", resources.host or "any worker")
+    abort = Abort()
+    watchdog = PausedWatchdog(lambda: client.scheduler_info(n_workers=-1)["workers"], s.paused_timeout,
+                              abort.stop)
+    with DiskPeak(settings.inputs.work_dir) as disk, watchdog:
+        summary = run_dataset(settings, pairs, in_flight=in_flight, resources=resources, abort=abort,
+                              on_done=_cleanup_now(settings, held))
+    summary.work_dir_peak_bytes = disk.peak
+    return summary

@@ -45,6 +45,7 @@ __all__ = [
     "WorkerStderrToFile",
     "check_workers",
     "import_modules",
+    "is_run_failure",
     "one_line",
     "quiet_distributed_tracebacks",
     "stage_error",
@@ -295,6 +296,11 @@ def _is_cluster_failure(e: BaseException) -> bool:
     return isinstance(e, (CommClosedError, FuturesCancelled, WorkerStartTimeoutError)) or (
         type(e).__name__ == "CancelledError"  # asyncio's, when the client's loop is torn down
     )
+
+
+def is_run_failure(e: BaseException) -> bool:
+    """Whether `e` stops the whole run (the scheduler or the client went away), not one tomogram."""
+    return _is_cluster_failure(e)
 
 
 def stage_error(e: BaseException, stage: str, work_dir: Path | None = None) -> BaseException:

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 
 from cryosiam_dask.errors import InputFileError
 from cryosiam_dask.io.masks import read_mask
 from cryosiam_dask.io.tomograms import Tomogram, open_tomogram
+from cryosiam_dask.run.progress import DEFAULT_LANE, Lane
 from cryosiam_dask.run.settings import InputSettings
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,9 @@ def _value_checks(x: da.Array) -> tuple[Any, Any, Any]:
     return 0, x.min(), x.max()
 
 
-def open_inputs(files: list[tuple[Path, str]], settings: InputSettings) -> list[OpenedInput]:
+def open_inputs(
+    files: list[tuple[Path, str]], settings: InputSettings, lane: Lane = DEFAULT_LANE
+) -> list[OpenedInput]:
     """Open every ``(path, stem)`` of `files` and check their values in one dask pass.
 
     Raises
@@ -98,7 +100,7 @@ def open_inputs(files: list[tuple[Path, str]], settings: InputSettings) -> list[
             (path, stem, tomo, read_mask(settings.mask_folder, stem, shape, chunks=settings.chunk_size))
         )
     results = []
-    checks = dask.compute(*[_value_checks(t.data) for _, _, t, _ in opened])
+    checks = lane.compute(*[_value_checks(t.data) for _, _, t, _ in opened])
     for (path, stem, tomo, mask), (bad, lo, hi) in zip(opened, checks, strict=True):
         if int(bad):
             raise InputFileError(

@@ -1,4 +1,11 @@
-"""Stage 2, maps: the network per chunk into ``<work_dir>/<stem>/maps-<key>.zarr``, resumable per chunk.
+"""Stage 2, maps: the network per inference block into ``<work_dir>/<stem>/maps-<key>.zarr``, resumable.
+
+Each inference block (:func:`~cryosiam_dask.network.predict.plan_inference`: a grid of the volume, not of the
+storage chunks) is computed by one task that reads its own tomogram blocks from the zarr conversion, runs the
+network and writes its maps into the store itself, then its done marker; only a small code comes back. So
+every block runs once whatever the storage chunking, and nothing waits in worker memory between tasks. A
+storage chunk that two blocks share is written under a ``distributed.Lock`` per chunk (zarr rewrites a whole
+chunk to store part of it); chunks inside one block need no lock.
 
 The store is named by a hash of what the maps depend on (source file, checkpoint, normalisation, tiling
 (for ``fast``, its window and margin), mask files, batch size, amp). CryoSiam's own ``<stem>_preds.h5`` of
@@ -7,7 +14,9 @@ the same settings in the prediction folder is reused instead of running the netw
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,16 +25,17 @@ import dask
 import dask.array as da
 import numpy as np
 
-from cryosiam_dask.network.predict import predict_maps, skipped_fraction
+from cryosiam_dask.io.sources import read_region, zarr_source
+from cryosiam_dask.network.predict import InferenceBlock, plan_inference, run_block
 from cryosiam_dask.outputs.cryosiam import read_raw_predictions
 from cryosiam_dask.run import resume
 from cryosiam_dask.run.inputs import OpenedInput
-from cryosiam_dask.run.progress import compute
+from cryosiam_dask.run.progress import DEFAULT_LANE, Lane
 from cryosiam_dask.run.settings import InputSettings, NetworkSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAP_NAMES", "Maps", "chunk_writes", "maps_fingerprint", "predict_all"]
+__all__ = ["MAP_NAMES", "Maps", "chunk_writes", "maps_fingerprint", "predict_all", "write_region"]
 
 MAP_NAMES = ("foreground", "distance", "boundary")
 
@@ -78,76 +88,174 @@ def _maps_key(item: OpenedInput, network: NetworkSettings, inputs: InputSettings
     )
 
 
-def chunk_writes(arrays: Any, targets: list[Any], markers: Any, todo: list[tuple[int, ...]]) -> list[Any]:
-    """One delayed task per chunk in ``todo``: write that chunk of every array, then the chunk's marker."""
-    bounds = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in arrays[0].chunks]
-    write = dask.delayed(resume.write_chunk, pure=False)
-    tasks = []
-    for index in todo:
-        region = tuple(slice(int(b[i]), int(b[i + 1])) for b, i in zip(bounds, index, strict=True))
-        tasks.append(write([a.blocks[index] for a in arrays], targets, region, markers, index))
-    return tasks
+_LOCAL_LOCKS: dict[str, threading.Lock] = {}
+_LOCAL_GUARD = threading.Lock()
+
+
+def _chunk_lock(name: str) -> Any:
+    """A lock shared by every worker of the cluster (``distributed.Lock``), or a process lock without one."""
+    try:
+        from distributed import Lock, get_worker
+
+        get_worker()
+        return Lock(name)
+    except (ImportError, ValueError):
+        with _LOCAL_GUARD:
+            return _LOCAL_LOCKS.setdefault(name, threading.Lock())
+
+
+def write_region(
+    values: np.ndarray, targets: list[Any], start: tuple[int, ...], lock_prefix: str
+) -> None:
+    """``targets[i][start:start + shape] = values[i]``, storage chunk by storage chunk.
+
+    A chunk that the region covers only in part is written under the lock ``<lock_prefix>-<chunk index>``:
+    zarr reads, updates and rewrites the whole chunk, and another task may be writing its other part.
+    """
+    shape, chunks = targets[0].shape, targets[0].chunks
+    stop = [a + n for a, n in zip(start, values.shape[1:], strict=True)]
+    ranges = [range(a // c, -(-b // c)) for a, b, c in zip(start, stop, chunks, strict=True)]
+    for index in itertools.product(*ranges):
+        lo = [max(a, i * c) for a, i, c in zip(start, index, chunks, strict=True)]
+        hi = [min(b, (i + 1) * c, n) for b, i, c, n in zip(stop, index, chunks, shape, strict=True)]
+        whole = all(a == i * c and b == min((i + 1) * c, n)
+                    for a, b, i, c, n in zip(lo, hi, index, chunks, shape, strict=True))
+        dst = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        src = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True))
+        if whole:
+            for target, v in zip(targets, values, strict=True):
+                target[dst] = v[src]
+            continue
+        with _chunk_lock(f"{lock_prefix}-{'.'.join(map(str, index))}"):
+            for target, v in zip(targets, values, strict=True):
+                target[dst] = v[src]
+
+
+def _block_to_store(
+    source: Any, mask: Any, *, reads: list[tuple[Any, tuple[int, ...]]], block: InferenceBlock,
+    kwargs: dict[str, Any], targets: list[Any], markers: resume.ChunkMarkers, lock_prefix: str,
+) -> int:
+    """One inference block: read its tomogram blocks, run the network, write the maps, then its marker.
+
+    Returns 1 when the lamella mask skipped the block (nothing written: the store's fill value is 0), else 0.
+    """
+    skipped = mask is not None and not np.any(mask)
+    if not skipped:
+        # from zarr, each read is a region; otherwise dask computed the tomogram block already
+        blocks = [(read_region(source, r) if source is not None else r, offset) for r, offset in reads]
+        write_region(run_block(blocks, mask, block=block, **kwargs), targets, block.start, lock_prefix)
+    markers.save(block.index)
+    return int(skipped)
 
 
 def _store_dir(inputs: InputSettings, stem: str, key: str) -> Path:
     return inputs.work_dir / stem / f"maps-{key}.zarr"
 
 
+def _block_tasks(item: OpenedInput, network: NetworkSettings, targets: list[Any], markers: Any,
+                 key: str) -> tuple[list[Any], int]:
+    """The write tasks of the inference blocks not yet done, and the number of blocks."""
+    data = item.tomogram.data
+    p = plan_inference(data, network.checkpoint, mask=item.mask, **network.predict_kwargs())
+    source = zarr_source(data)
+    delayed_blocks = None if source is not None else data.to_delayed()
+    edges = [np.cumsum((0,) + tuple(c)).tolist() for c in data.chunks]
+    masks = None if item.mask is None else item.mask.rechunk(p.grid).to_delayed()
+    task = dask.delayed(_block_to_store, pure=False)
+    tasks = []
+    for b in p.blocks:
+        if markers.done(b.index):
+            continue
+        if source is not None:
+            reads = [(tuple(slice(e[k], e[k + 1]) for e, k in zip(edges, j, strict=True)), off)
+                     for j, off in b.reads]
+        else:
+            reads = [(delayed_blocks[j], off) for j, off in b.reads]
+        name = f"network-{item.stem}-{key}-{'.'.join(map(str, b.index))}"
+        tasks.append(task(source, None if masks is None else masks[b.index], reads=reads, block=b,
+                          kwargs=p.task_kwargs, targets=targets, markers=markers,
+                          lock_prefix=f"cryosiam-dask-maps-{key}", dask_key_name=name))
+    return tasks, len(p.blocks)
+
+
+def _reuse_raw(item: OpenedInput, network: NetworkSettings, inputs: InputSettings,
+               prediction_folder: Path) -> Maps | None:
+    """CryoSiam's ``<stem>_preds.h5`` of the same settings, as the original reuses it (or None)."""
+    raw = prediction_folder / f"{item.stem}_preds.h5"
+    if not raw.exists():
+        return None
+    fp = maps_fingerprint(item, network, inputs)
+    reused = read_raw_predictions(raw, fp, shape=item.shape, chunks=inputs.chunk_size)
+    if reused is None:
+        return None
+    logger.info("%s: reusing raw maps %s (network skipped, as CryoSiam does)", item.stem, raw.name)
+    return Maps(*reused, key=_maps_key(item, network, inputs, True), raw_reused=True, report={})
+
+
+def predict_one(
+    item: OpenedInput, network: NetworkSettings, inputs: InputSettings, prediction_folder: Path,
+    lane: Lane = DEFAULT_LANE,
+) -> Maps:
+    """The maps of one tomogram, each inference block computed and written once (resumable per block)."""
+    key = _maps_key(item, network, inputs, False)
+    store = _store_dir(inputs, item.stem, key)
+    markers = resume.ChunkMarkers(store.with_name(store.name + ".done") / "maps", "maps")
+    if not _complete(markers):
+        reused = _reuse_raw(item, network, inputs, prediction_folder)
+        if reused is not None:
+            return reused
+    chunks = tuple(int(c[0]) for c in item.tomogram.data.chunks)
+    targets = [
+        resume.open_chunked(store, name, shape=item.shape, chunks=chunks, dtype=np.float32, markers=markers)
+        for name in MAP_NAMES
+    ]
+    tasks, n_blocks = _block_tasks(item, network, targets, markers, key)
+    if len(tasks) < n_blocks:
+        logger.info("%s: maps: %d of %d inference blocks done in an earlier run", item.stem,
+                    n_blocks - len(tasks), n_blocks)
+    skipped = sum(lane.compute(*tasks, network=True))
+    report: dict[str, Any] = {"maps_blocks": n_blocks, "maps_blocks_computed": len(tasks)}
+    if item.mask is not None and tasks:
+        report["blocks_skipped_outside_mask"] = skipped / len(tasks)
+        logger.info("%s: %d of %d inference blocks lie outside the lamella and skipped the network",
+                    item.stem, skipped, len(tasks))
+        if skipped == n_blocks:
+            logger.warning("%s: the lamella mask is all zero: no instances will be found", item.stem)
+    _mark_complete(markers, n_blocks)
+    arrays = tuple(da.from_zarr(t, chunks=item.tomogram.data.chunks) for t in targets)
+    return Maps(*arrays, key=key, raw_reused=False, report=report)
+
+
+def _complete(markers: resume.ChunkMarkers) -> bool:
+    """Every block of the store is done (the flag lives with the markers, so clearing them clears it)."""
+    return (markers.folder / "complete").is_file()
+
+
+def _mark_complete(markers: resume.ChunkMarkers, n_blocks: int) -> None:
+    markers.folder.mkdir(parents=True, exist_ok=True)
+    (markers.folder / "complete").write_text(str(n_blocks))
+
+
 def predict_all(
-    items: list[OpenedInput], network: NetworkSettings, inputs: InputSettings, prediction_folder: Path
+    items: list[OpenedInput], network: NetworkSettings, inputs: InputSettings, prediction_folder: Path,
+    lane: Lane = DEFAULT_LANE,
 ) -> list[Maps]:
-    """The maps of every tomogram; the chunks of all tomograms are computed together."""
-    writes, out = [], []
-    for item in items:
-        report: dict[str, Any] = {}
-        raw = prediction_folder / f"{item.stem}_preds.h5"
-        key = _maps_key(item, network, inputs, False)
-        store = _store_dir(inputs, item.stem, key)
-        markers = resume.ChunkMarkers(store.with_name(store.name + ".done") / "maps", "maps")
-        blocks = list(np.ndindex(*item.tomogram.data.numblocks))
-        todo = [i for i in blocks if not markers.done(i)]
-        if todo and raw.exists():  # a complete maps store of this run's settings wins over the raw h5
-            fp = maps_fingerprint(item, network, inputs)
-            reused = read_raw_predictions(raw, fp, shape=item.shape, chunks=inputs.chunk_size)
-            if reused is not None:
-                logger.info(
-                    "%s: reusing raw maps %s (network skipped, as CryoSiam does)", item.stem, raw.name
-                )
-                out.append(
-                    Maps(*reused, key=_maps_key(item, network, inputs, True), raw_reused=True, report=report)
-                )
-                continue
-        if item.mask is not None:
-            frac = skipped_fraction(item.mask, item.tomogram.data.chunks)
-            report["chunks_skipped_outside_mask"] = frac
-            logger.info(
-                "%s: %.0f%% of chunks lie outside the lamella and skip the network", item.stem, 100 * frac
-            )
-            if frac == 1.0:
-                logger.warning("%s: the lamella mask is all zero: no instances will be found", item.stem)
-        chunks = tuple(int(c[0]) for c in item.tomogram.data.chunks)
-        targets = [
-            resume.open_chunked(
-                store, name, shape=item.shape, chunks=chunks, dtype=np.float32, markers=markers
-            )
-            for name in MAP_NAMES
-        ]
-        arrays = tuple(da.from_zarr(t, chunks=item.tomogram.data.chunks) for t in targets)
-        todo = [i for i in blocks if not markers.done(i)]  # open_chunked clears the markers of a new store
-        report["maps_chunks_computed"] = len(todo)
-        if len(todo) < len(blocks):
-            logger.info(
-                "%s: maps: %d of %d chunks done in an earlier run",
-                item.stem,
-                len(blocks) - len(todo),
-                len(blocks),
-            )
-        out.append(Maps(*arrays, key=key, raw_reused=False, report=report))
-        if todo:
-            maps = predict_maps(
-                item.tomogram.data, network.checkpoint, mask=item.mask, **network.predict_kwargs()
-            )
-            writes += chunk_writes(maps, targets, markers, todo)
-    if writes:
-        compute(*writes)
-    return out
+    """:func:`predict_one` for each tomogram, in turn."""
+    return [predict_one(item, network, inputs, prediction_folder, lane) for item in items]
+
+
+def chunk_writes(arrays: Any, targets: list[Any], markers: Any, todo: list[tuple[int, ...]],
+                 name: str | None = None) -> list[Any]:
+    """One delayed task per storage chunk in ``todo``: write that chunk of every array, then its marker.
+
+    For arrays computed chunk by chunk (``map_blocks`` of a stored array): each chunk's chain runs once.
+    """
+    bounds = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in arrays[0].chunks]
+    write = dask.delayed(resume.write_chunk, pure=False)
+    tasks = []
+    for index in todo:
+        region = tuple(slice(int(b[i]), int(b[i + 1])) for b, i in zip(bounds, index, strict=True))
+        key = None if name is None else f"{name}-{'.'.join(map(str, index))}"
+        tasks.append(write([a.blocks[index] for a in arrays], targets, region, markers, index,
+                           dask_key_name=key))
+    return tasks

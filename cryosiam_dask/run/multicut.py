@@ -17,7 +17,7 @@ import numpy as np
 from cryosiam_dask.instances.multicut import multicut_chunked
 from cryosiam_dask.run import resume
 from cryosiam_dask.run.maps import Maps, chunk_writes
-from cryosiam_dask.run.progress import compute
+from cryosiam_dask.run.progress import DEFAULT_LANE, Lane
 from cryosiam_dask.run.segment import Instances
 from cryosiam_dask.run.settings import InstanceSettings
 
@@ -27,14 +27,20 @@ __all__ = ["multicut_all"]
 
 
 def multicut_all(
-    stems: list[str], maps: list[Maps], instances: list[Instances], settings: InstanceSettings, work_dir: Path
+    stems: list[str],
+    maps: list[Maps],
+    instances: list[Instances],
+    settings: InstanceSettings,
+    work_dir: Path,
+    lane: Lane = DEFAULT_LANE,
 ) -> list[Instances]:
     """The multicut of every tomogram's watershed labels (unchanged when ``boundary_bias == 1``)."""
     if not settings.postprocessing or settings.boundary_bias == 1:
         return instances
     writes, out = [], []
     for stem, m, inst in zip(stems, maps, instances, strict=True):
-        labels, n = multicut_chunked(inst.labels, m.boundary, boundary_bias=settings.boundary_bias)
+        labels, n = multicut_chunked(inst.labels, m.boundary, boundary_bias=settings.boundary_bias,
+                                     compute=lane.compute)
         key = resume.fingerprint_key(inst.report.get("store", ""), settings.boundary_bias, n)
         store = work_dir / stem / f"multicut-{key}.zarr"
         markers = resume.ChunkMarkers(store.with_name(store.name + ".done") / "multicut", "multicut")
@@ -42,11 +48,10 @@ def multicut_all(
         target = resume.open_chunked(store, "instances", shape=labels.shape, chunks=chunks, dtype=np.uint32,
                                      markers=markers)
         todo = [i for i in np.ndindex(*labels.numblocks) if not markers.done(i)]
-        writes += chunk_writes([labels], [target], markers, todo)
+        writes += chunk_writes([labels], [target], markers, todo, name=f"multicut-{stem}-{key}")
         n_before = inst.report.get("n_instances", 0)
         logger.info("%s: multicut joined %d watershed instances into %d", stem, n_before, n)
         report = {**inst.report, "n_watershed_instances": n_before, "n_instances": n}
         out.append(Instances(da.from_zarr(target, chunks=labels.chunks), report))
-    if writes:
-        compute(*writes)
+    lane.compute(*writes)
     return out

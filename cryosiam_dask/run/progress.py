@@ -1,34 +1,107 @@
-"""``dask.compute`` with an optional progress bar (the CLI turns it on in a terminal)."""
+"""How the stages submit their tasks: a :class:`Lane` per tomogram (priority, worker resources, abort).
+
+Each tomogram's chain computes through its own lane. On a ``distributed`` client the tasks are submitted with
+the lane's priority (earlier tomograms first, so a tomogram's post-processing runs before the next ones'
+network and outputs appear tomogram by tomogram) and, when the cluster advertises them, worker resources
+(network tasks on ``GPU`` workers, the rest on ``CPU`` workers: :mod:`cryosiam_dask.run.cluster`). The wait
+polls an abort event, so a run-wide failure (the memory watchdog, a lost scheduler) ends every chain.
+"""
 
 from __future__ import annotations
 
 import sys
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask
 
 PROGRESS = {"on": False}
-"""Set ``PROGRESS["on"] = True`` for progress bars on stderr."""
+"""Set ``PROGRESS["on"] = True`` for a progress bar on stderr (single-tomogram runs only)."""
+
+POLL_S = 1.0
 
 
-def compute(*objs: Any) -> tuple[Any, ...]:
-    """``dask.compute`` with a progress bar on stderr when ``PROGRESS["on"]``.
+@dataclass(frozen=True)
+class Resources:
+    """Worker resources per kind of task (None: any worker)."""
 
-    On a distributed client the bar is ``distributed.progress`` over the futures; otherwise dask's local
-    ``ProgressBar``.
-    """
-    if not PROGRESS["on"]:
-        return dask.compute(*objs)
-    try:
-        from distributed import get_client, progress
+    network: dict[str, float] | None = None
+    host: dict[str, float] | None = None
 
-        client = get_client()
-    except (ImportError, ValueError):
+
+@dataclass
+class Abort:
+    """A run-wide stop: :meth:`stop` with the error every waiting chain raises."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    def stop(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        self.event.set()
+
+
+@dataclass(frozen=True)
+class Lane:
+    """Where one tomogram's tasks go: ``priority`` (higher first), ``resources``, a shared :class:`Abort`."""
+
+    priority: int = 0
+    resources: Resources = field(default_factory=Resources)
+    abort: Abort = field(default_factory=Abort)
+    progress: bool = False
+
+    def compute(self, *objs: Any, network: bool = False) -> tuple[Any, ...]:
+        """``dask.compute(*objs)`` on this lane; ``network=True`` for the network's tasks."""
+        if not objs:
+            return ()
+        try:
+            from distributed import get_client
+
+            client = get_client()
+        except (ImportError, ValueError):
+            return self._local(objs)
+        resources = self.resources.network if network else self.resources.host
+        futures = client.compute(list(objs), priority=self.priority, resources=resources)
+        if self.progress and PROGRESS["on"]:
+            from distributed import progress
+
+            progress(futures)
+            print(file=sys.stderr)
+        return tuple(self._wait(client, futures))
+
+    def _local(self, objs: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not (self.progress and PROGRESS["on"]):
+            return dask.compute(*objs)
         from dask.diagnostics import ProgressBar
 
         with ProgressBar(out=sys.stderr):
             return dask.compute(*objs)
-    futures = client.compute(list(objs))
-    progress(futures)
-    print(file=sys.stderr)
-    return tuple(client.gather(futures))
+
+    def _wait(self, client: Any, futures: list[Any]) -> list[Any]:
+        from distributed import wait
+        from distributed.utils import TimeoutError as DaskTimeout
+
+        while True:
+            if self.abort.event.is_set():
+                client.cancel(futures)
+                raise self.abort.error  # type: ignore[misc]
+            try:
+                wait(futures, timeout=POLL_S)
+            except (DaskTimeout, TimeoutError):
+                if not any(f.status == "error" for f in futures):
+                    continue
+            failed = [f for f in futures if f.status == "error"]
+            if failed:  # the first failure's own exception, not a cancelled sibling's
+                client.cancel([f for f in futures if not f.done()])
+                client.gather(failed[:1])
+            return client.gather(futures)
+
+
+DEFAULT_LANE = Lane()
+
+
+def compute(*objs: Any) -> tuple[Any, ...]:
+    """``dask.compute`` on the default lane (no priority, any worker)."""
+    return DEFAULT_LANE.compute(*objs)

@@ -41,9 +41,10 @@ from cryosiam_dask.instances.merge import (
     window_parts,
 )
 from cryosiam_dask.instances.windows import Window, margin_for, plan_windows
+from cryosiam_dask.io.sources import read_region, zarr_source
 from cryosiam_dask.run import resume
 from cryosiam_dask.run.maps import Maps, chunk_writes
-from cryosiam_dask.run.progress import compute
+from cryosiam_dask.run.progress import DEFAULT_LANE, Lane
 from cryosiam_dask.run.settings import InstanceSettings
 
 logger = logging.getLogger(__name__)
@@ -96,36 +97,9 @@ def semantic_foreground(path: Path, labels: tuple[int, ...], like: da.Array) -> 
     )
 
 
-def zarr_source(x: da.Array) -> Any | None:
-    """The zarr array a dask array reads unchanged (``da.from_zarr``), or None for any other array.
-
-    A window task given it reads its window itself: one task per window, no dependencies, no transfers
-    between workers, and only the window's voxels read (slicing the dask array instead reads every
-    touched chunk whole and makes ~2 tasks per chunk touched, all through the scheduler).
-    """
-    import zarr
-
-    layers = x.dask.layers
-    if len(layers) != 2:
-        return None
-    for name, layer in layers.items():
-        if name.startswith("original-") and len(layer) == 1:
-            arr = next(iter(dict(layer).values()))
-            if isinstance(arr, zarr.Array) and tuple(arr.shape) == x.shape and arr.dtype == x.dtype:
-                return arr
-    return None
-
-
 def _sources(fg: da.Array, dist: da.Array) -> tuple[Any, Any] | None:
     sources = zarr_source(fg), zarr_source(dist)
     return None if sources[0] is None or sources[1] is None else sources
-
-
-def _read(a: Any, region: tuple[slice, ...]) -> Any:
-    """``a[region]`` of a zarr array; any other `a` is the window itself (computed by dask)."""
-    import zarr
-
-    return np.asarray(a[region]) if isinstance(a, zarr.Array) else a
 
 
 def _keys_to_store(
@@ -147,7 +121,7 @@ def _keys_to_store(
     (the watershed itself on the host, see :mod:`cryosiam_dask.instances.watershed`); only the keys and the
     small statistics come back.
     """
-    fg, dist = to_device(_read(fg, window), device), to_device(_read(dist, window), device)
+    fg, dist = to_device(read_region(fg, window), device), to_device(read_region(dist, window), device)
     keys, unique, n_oversized, skipped, parts = window_parts(fg, dist, **kwargs)
     store[region] = to_numpy(keys)
     records.save(index, unique=unique, oversized=n_oversized, skipped=skipped, **parts.to_arrays())
@@ -162,7 +136,7 @@ def _large_to_store(
     `fg` and `dist` are the maps on the crop, or the zarr arrays of the maps (the crop is read here).
     """
     crop = kwargs["crop"]
-    fg, dist = to_device(_read(fg, crop), device), to_device(_read(dist, crop), device)
+    fg, dist = to_device(read_region(fg, crop), device), to_device(read_region(dist, crop), device)
     keys, unique = component_keys(fg, dist, **kwargs)
     target[...] = to_numpy(keys)
     crop = np.array([[s.start, s.stop] for s in kwargs["crop"]])
@@ -192,6 +166,7 @@ def _segment_large(
     chunks: tuple[int, ...],
     params: dict[str, Any],
     device: str = "cpu",
+    lane: Lane = DEFAULT_LANE,
 ) -> tuple[list[tuple[Any, tuple[slice, ...]]], list[np.ndarray], int]:
     """Segment the fitting large components (one task each, resumable); their (array, crop) and keys."""
     shape = tuple(int(s) for s in fg.shape)
@@ -219,7 +194,7 @@ def _segment_large(
         kw = dict(crop=lc.crop, seed=lc.seed, shape=shape, params=params, device=device)
         maps = sources or (fg[lc.crop], dist[lc.crop])
         tasks.append(task(*maps, target=target, records=records, n=n, **kw))
-    compute(*tasks)
+    lane.compute(*tasks)
     for n, records in todo:
         uniques[n] = records.load((n,))["unique"]  # type: ignore[index]
     return pieces, uniques, len(todo)  # type: ignore[return-value]
@@ -276,7 +251,9 @@ def _instances_key(maps_key: str, settings: InstanceSettings, semantic: Any) -> 
     )
 
 
-def _segment_one(stem: str, maps: Maps, settings: InstanceSettings, work_dir: Path) -> tuple[Any, ...]:
+def _segment_one(
+    stem: str, maps: Maps, settings: InstanceSettings, work_dir: Path, lane: Lane = DEFAULT_LANE
+) -> tuple[Any, ...]:
     """Window keys of one tomogram into its store; returns (labels, report, target array, markers)."""
     fg, dist = maps.foreground, maps.distance
     semantic = None
@@ -318,11 +295,12 @@ def _segment_one(stem: str, maps: Maps, settings: InstanceSettings, work_dir: Pa
                 margin=margin_for(settings.distance_type),
                 params=params,
                 device=settings.device,
+                dask_key_name=f"windows-{stem}-{store.stem}-{'.'.join(map(str, w.index))}",
             )
         )
     if stats_of:
         logger.info("instances: %d of %d windows reused from an earlier run", len(stats_of), len(windows))
-    compute(*tasks)
+    lane.compute(*tasks)
     for index in todo:
         record = records.load(index)
         stats_of[index] = (record["unique"], bool(record["skipped"]), Parts.from_arrays(record))  # type: ignore[index]
@@ -330,7 +308,7 @@ def _segment_one(stem: str, maps: Maps, settings: InstanceSettings, work_dir: Pa
     limit = task_memory_limit()
     large, over = plan_components([s[2] for s in stats], windows, fg.chunks, settings.distance_type, limit)
     pieces, luniques, n_large = _segment_large(
-        large, fg, dist, store, done, chunks, params, settings.device
+        large, fg, dist, store, done, chunks, params, settings.device, lane
     )
     table = table_of([s[0] for s in stats], large, luniques)
     report: InstanceReport = make_report([s[1] for s in stats], over, large, table, limit)
@@ -347,12 +325,12 @@ def _segment_one(stem: str, maps: Maps, settings: InstanceSettings, work_dir: Pa
 
 
 def segment_all(
-    stems: list[str], maps: list[Maps], settings: InstanceSettings, work_dir: Path
+    stems: list[str], maps: list[Maps], settings: InstanceSettings, work_dir: Path, lane: Lane = DEFAULT_LANE
 ) -> list[Instances]:
     """Instances of every tomogram; the windows of all tomograms share the cluster."""
     with ThreadPoolExecutor(max_workers=max(1, len(stems))) as pool:  # one submitting thread per tomogram
         pairs = zip(stems, maps, strict=True)
-        done = list(pool.map(lambda a: _segment_one(a[0], a[1], settings, work_dir), pairs))
+        done = list(pool.map(lambda a: _segment_one(a[0], a[1], settings, work_dir, lane), pairs))
     writes, out = [], []
     for stem, (labels, report, target, markers) in zip(stems, done, strict=True):
         todo = [i for i in np.ndindex(*labels.numblocks) if not markers.done(i)]
@@ -360,8 +338,7 @@ def segment_all(
         n_all = int(np.prod(labels.numblocks))
         if len(todo) < n_all:
             logger.info("%s: labels: %d of %d chunks done in an earlier run", stem, n_all - len(todo), n_all)
-        writes += chunk_writes([labels], [target], markers, todo)
+        writes += chunk_writes([labels], [target], markers, todo, name=f"labels-{stem}-{target.path}")
         out.append(Instances(da.from_zarr(target, chunks=labels.chunks), report))
-    if writes:
-        compute(*writes)
+    lane.compute(*writes)
     return out

@@ -1,35 +1,40 @@
-"""The four stages of ``instance_predict``, run for all tomograms of a config together.
+"""The chain of one tomogram, and a dataset streamed through it with a bounded number in flight.
 
-1. :mod:`~cryosiam_dask.run.inputs`: MRC/REC -> chunked zarr, lamella masks;
-2. :mod:`~cryosiam_dask.run.maps`: the network per chunk -> ``<work_dir>/<stem>/maps-<key>.zarr``;
-3. :mod:`~cryosiam_dask.run.segment`: watershed per chunk window, global ids -> ``instances-<key>.zarr``;
-   with ``postprocessing: True``, :mod:`~cryosiam_dask.run.multicut` -> ``multicut-<key>.zarr``;
-4. :mod:`~cryosiam_dask.run.write`: every output file.
+A tomogram's chain: :mod:`~cryosiam_dask.run.inputs` (MRC/REC -> zarr, mask) -> :mod:`~cryosiam_dask.run.maps`
+(the network per inference block) -> :mod:`~cryosiam_dask.run.segment` (watershed windows, global ids) ->
+:mod:`~cryosiam_dask.run.multicut` (``postprocessing: True``) -> :mod:`~cryosiam_dask.run.write` (every
+output). Each step starts as soon as the previous one is done; ``tomograms_in_flight`` chains run at once,
+each on its own :class:`~cryosiam_dask.run.progress.Lane` (earlier tomograms first), so outputs appear
+tomogram by tomogram and one tomogram's post-processing overlaps the next one's network.
 
-Each stage materialises to zarr in ``work_dir``, so no stage is computed twice, memory stays bounded and a
-killed run resumes from per-chunk markers (:mod:`cryosiam_dask.run.resume`). The tasks of all tomograms of a
-stage are computed together, so workers stay busy across files.
+A chain that fails (a task that raises after dask's retries, a worker lost on its tasks, an unreadable
+file) costs that tomogram only: one line with its cause, the others go on. A run-wide failure (the scheduler
+gone, every worker paused for lack of memory) stops every chain; tomograms not started are reported skipped.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryosiam_dask.run.failures import stage_error
+from cryosiam_dask.errors import ClusterError
+from cryosiam_dask.run.failures import is_run_failure, stage_error
 from cryosiam_dask.run.inputs import open_inputs
-from cryosiam_dask.run.maps import maps_fingerprint, predict_all
+from cryosiam_dask.run.maps import maps_fingerprint, predict_one
 from cryosiam_dask.run.multicut import multicut_all
+from cryosiam_dask.run.progress import Abort, Lane, Resources
 from cryosiam_dask.run.segment import segment_all
 from cryosiam_dask.run.settings import RunSettings
 from cryosiam_dask.run.write import write_outputs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TomogramResult", "run_stages"]
+__all__ = ["RunSummary", "TomogramFailure", "TomogramResult", "run_dataset", "run_tomogram"]
 
 
 @dataclass
@@ -43,60 +48,147 @@ class TomogramResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _timed(name: str, timings: dict[str, float], n: int, work_dir: Path, fn: Any) -> Any:
-    t0 = time.perf_counter()
-    try:
-        result = fn()
-    except BaseException as e:  # one place maps every failure (worker, task, disk, key) to one line
-        error = stage_error(e, name, work_dir)
-        if error is e:
-            raise
-        raise error from e
-    timings[name] = time.perf_counter() - t0
-    logger.info("stage %-9s %8.2f s (%d tomogram%s)", name, timings[name], n, "s" * (n != 1))
-    return result
+@dataclass(frozen=True)
+class TomogramFailure:
+    """A tomogram whose chain failed: its input file, the stage and the one-line cause."""
+
+    stem: str
+    path: Path
+    stage: str
+    error: BaseException
+
+    def line(self) -> str:
+        text = " ".join(str(self.error).splitlines()) or type(self.error).__name__
+        where = "" if text.startswith("stage ") else f", stage {self.stage}"
+        return f"{self.stem} ({self.path.name}){where}: {text}"
 
 
-def run_stages(settings: RunSettings, files: list[tuple[Path, str]]) -> list[TomogramResult]:
-    """Run the four stages for ``files`` (``(path, stem)`` pairs) on the current dask scheduler."""
-    timings: dict[str, float] = {}
-    work_dir, n = settings.inputs.work_dir, len(files)
-    items = _timed("inputs", timings, n, work_dir, lambda: open_inputs(files, settings.inputs))
-    maps = _timed(
-        "maps",
-        timings,
-        n,
-        work_dir,
-        lambda: predict_all(items, settings.network, settings.inputs, settings.outputs.prediction_folder),
-    )
-    stems = [i.stem for i in items]
-    instances = _timed(
-        "instances", timings, n, work_dir, lambda: segment_all(stems, maps, settings.instances, work_dir)
-    )
-    if settings.instances.postprocessing and settings.instances.boundary_bias != 1:
-        instances = _timed(
-            "multicut", timings, n, work_dir,
-            lambda: multicut_all(stems, maps, instances, settings.instances, work_dir),
+@dataclass
+class RunSummary:
+    """Every tomogram of a run: done, failed, or skipped (not started after a run-wide failure)."""
+
+    done: list[TomogramResult] = field(default_factory=list)
+    failed: list[TomogramFailure] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    work_dir_peak_bytes: int = 0
+    first_output_s: float | None = None
+    wall_s: float = 0.0
+
+    def line(self) -> str:
+        from dask.utils import format_bytes
+
+        return (
+            f"{len(self.done)} done, {len(self.failed)} failed, {len(self.skipped)} skipped; "
+            f"work dir peak {format_bytes(self.work_dir_peak_bytes)}"
         )
 
-    def write() -> list[tuple[int, dict[str, Path]]]:
-        return [
-            write_outputs(i, m, s, settings.outputs, maps_fingerprint(i, settings.network, settings.inputs))
-            for i, m, s in zip(items, maps, instances, strict=True)
-        ]
 
-    written = _timed("outputs", timings, n, work_dir, write)
-    results = []
-    for item, m, s, (count, paths) in zip(items, maps, instances, written, strict=True):
-        report = {
-            "value_range": item.value_range,
-            **m.report,
-            **s.report,
-            "stage_seconds_all_tomograms": timings,
+class _Stage:
+    """Names the running stage of a chain (for the failure line) and times it."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.name, self.timings = "inputs", timings
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        self.name = name
+        t0 = time.perf_counter()
+        out = fn()
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+        return out
+
+
+def run_tomogram(settings: RunSettings, path: Path, stem: str, lane: Lane, stage: _Stage) -> TomogramResult:
+    """One tomogram through every stage on `lane`; raises what the failing stage raised."""
+    s, work_dir = settings, settings.inputs.work_dir
+    [item] = stage.run("inputs", lambda: open_inputs([(path, stem)], s.inputs, lane))
+    maps = stage.run(
+        "maps", lambda: predict_one(item, s.network, s.inputs, s.outputs.prediction_folder, lane)
+    )
+    [inst] = stage.run("instances", lambda: segment_all([stem], [maps], s.instances, work_dir, lane))
+    if s.instances.postprocessing and s.instances.boundary_bias != 1:
+        [inst] = stage.run(
+            "multicut", lambda: multicut_all([stem], [maps], [inst], s.instances, work_dir, lane)
+        )
+    fp = maps_fingerprint(item, s.network, s.inputs)
+    count, paths = stage.run("outputs", lambda: write_outputs(item, maps, inst, s.outputs, fp))
+    report = {"value_range": item.value_range, **maps.report, **inst.report, "stage_seconds": stage.timings}
+    if count == 0:
+        logger.warning("%s: 0 instances found (outputs written with 0 instances)", stem)
+    logger.info("%s: %d instances -> %s", stem, count, ", ".join(p.name for p in paths.values()))
+    return TomogramResult(stem=stem, shape=item.shape, n_instances=count, outputs=paths, report=report)
+
+
+def _chain(
+    settings: RunSettings, path: Path, stem: str, lane: Lane
+) -> TomogramResult | TomogramFailure | None:
+    """:func:`run_tomogram` with its failure mapped to one line; None when the run was stopped before it."""
+    if lane.abort.event.is_set():
+        return None
+    stage = _Stage({})
+    try:
+        return run_tomogram(settings, path, stem, lane, stage)
+    except BaseException as e:
+        if lane.abort.event.is_set() and lane.abort.error is not None:
+            raise lane.abort.error from e
+        error = stage_error(e, stage.name, settings.inputs.work_dir)
+        if error is e and not isinstance(e, Exception):
+            raise  # KeyboardInterrupt, SystemExit
+        if is_run_failure(e):
+            lane.abort.stop(error)
+            raise error from e
+        logger.debug("%s failed", stem, exc_info=e)
+        return TomogramFailure(stem, path, stage.name, error)
+
+
+def run_dataset(
+    settings: RunSettings,
+    files: list[tuple[Path, str]],
+    *,
+    in_flight: int,
+    resources: Resources | None = None,
+    abort: Abort | None = None,
+    on_done: Callable[[TomogramResult], None] | None = None,
+) -> RunSummary:
+    """Stream `files` (``(path, stem)`` pairs) through their chains, `in_flight` at a time.
+
+    Raises the run-wide error (:class:`~cryosiam_dask.errors.ClusterError`) when the run was stopped;
+    a tomogram's own failure is in the summary instead.
+    """
+    abort = abort or Abort()
+    summary, n, t0 = RunSummary(), len(files), time.perf_counter()
+    lanes = [
+        Lane(priority=-i, resources=resources or Resources(), abort=abort, progress=n == 1) for i in range(n)
+    ]
+    with ThreadPoolExecutor(max_workers=max(1, min(in_flight, n)), thread_name_prefix="tomogram") as pool:
+        futures = {
+            pool.submit(_chain, settings, path, stem, lane): stem
+            for (path, stem), lane in zip(files, lanes, strict=True)
         }
-        r = TomogramResult(stem=item.stem, shape=item.shape, n_instances=count, outputs=paths, report=report)
-        if count == 0:
-            logger.warning("%s: 0 instances found (outputs written with 0 instances)", r.stem)
-        logger.info("%s: %d instances -> %s", r.stem, count, ", ".join(p.name for p in paths.values()))
-        results.append(r)
-    return results
+        for future in as_completed(futures):
+            try:
+                out = future.result()
+            except ClusterError:
+                continue  # the run-wide error, raised below once every chain has ended
+            if out is None:
+                summary.skipped.append(futures[future])
+            elif isinstance(out, TomogramFailure):
+                summary.failed.append(out)
+                logger.error("%s (%d of %d)", out.line(), len(summary.done) + len(summary.failed), n)
+            else:
+                summary.first_output_s = summary.first_output_s or time.perf_counter() - t0
+                summary.done.append(out)
+                logger.info(
+                    "%s done: %d instances (%d of %d)",
+                    out.stem,
+                    out.n_instances,
+                    len(summary.done) + len(summary.failed),
+                    n,
+                )
+                if on_done is not None:
+                    on_done(out)
+    summary.wall_s = time.perf_counter() - t0
+    if abort.error is not None:
+        raise abort.error
+    order = {stem: i for i, (_, stem) in enumerate(files)}
+    summary.done.sort(key=lambda r: order[r.stem])
+    return summary

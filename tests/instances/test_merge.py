@@ -305,8 +305,9 @@ def _run_maps(fg, dist, chunks, store=None):
 
 @pytest.mark.parametrize("backed", ["memory", "zarr"])
 def test_run_layer_segments_large_components_whole_and_resumes(tmp_path, backed, monkeypatch):
+    from cryosiam_dask.io.sources import zarr_source
     from cryosiam_dask.run import segment
-    from cryosiam_dask.run.segment import segment_all, zarr_source
+    from cryosiam_dask.run.segment import segment_all
     from cryosiam_dask.run.settings import InstanceSettings
 
     fg, dist = tube_maps()

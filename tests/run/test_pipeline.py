@@ -108,7 +108,7 @@ def test_raw_maps_of_cryosiam_are_reused(golden, tmp_path, monkeypatch, client):
     def no_network(*args, **kwargs):
         raise AssertionError("the network ran although the raw maps exist")
 
-    monkeypatch.setattr(maps_stage, "predict_maps", no_network)
+    monkeypatch.setattr(maps_stage, "plan_inference", no_network)
     instance_predict(load_config(cfg_path), client=client)
     labels = _read(tmp_path / "out" / "TS_tiny_instance_preds.h5", "instances")
     assert np.array_equal(labels, _read(golden / "predictions" / "TS_tiny_instance_preds.h5", "instances"))

@@ -28,12 +28,13 @@ import yaml
 
 from cryosiam_dask.config import load_config
 from cryosiam_dask.demo import DEMO_STEM, write_demo_inputs
-from cryosiam_dask.errors import CheckpointError, ConfigError, InputFileError, OutputError
+from cryosiam_dask.errors import CheckpointError, ConfigError, InputFileError, OutputError, TomogramsFailed
 from cryosiam_dask.run import locks
 from cryosiam_dask.run.driver import instance_predict
 from cryosiam_dask.testing.synthetic import write_mask_h5, write_mrc
 
 SHAPE = (32, 64, 64)
+BLOCKS = 18  # inference blocks of the case (tiny architecture, patch 32); checked against the run's report
 OURS = {
     "chunk_size": [16, 32, 32],  # 8 chunks
     "halo": 16,
@@ -127,13 +128,13 @@ def test_resume_after_kill_in_maps(tmp_path, clean, client, caplog):
     killed = _cli(cfg, "maps:3")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     n_done = _markers(tmp_path, "maps")
-    assert 3 <= n_done < 8  # a second thread may finish a chunk while the first one kills the run
+    assert 3 <= n_done < BLOCKS  # a second thread may finish a block while the first one kills the run
     assert not (tmp_path / "predictions" / f"{DEMO_STEM}_instance_preds.h5").exists()
     assert (tmp_path / "predictions" / f".{DEMO_STEM}.cryosiam_dask.lock").exists()  # left by the dead run
     with caplog.at_level(logging.INFO, logger="cryosiam_dask"):
         [result] = instance_predict(load_config(cfg), client=client)
     assert "stale lock" in caplog.text
-    assert result.report["maps_chunks_computed"] == 8 - n_done  # only the unfinished chunks are recomputed
+    assert result.report["maps_blocks_computed"] == BLOCKS - n_done  # only the unfinished blocks are rerun
     logging.getLogger(__name__).info("resume after maps:3 recomputed %s", result.report)
     _assert_same(_outputs(tmp_path / "predictions"), clean)
     assert not (tmp_path / "predictions" / f".{DEMO_STEM}.cryosiam_dask.lock").exists()
@@ -147,21 +148,21 @@ def test_resume_after_kills_in_every_stage(tmp_path, clean):
     for point in ("maps:2", "windows:3", "instances:5", "outputs:1"):
         run = _cli(cfg, point)
         assert run.returncode == -signal.SIGKILL, (point, run.stderr[-2000:])
-        found = re.findall(r"(\w+): (\d+) of 8 chunks done in an earlier run", run.stderr)
+        found = re.findall(r"(\w+): (\d+) of \d+ (?:chunks|inference blocks) done in an earlier run", run.stderr)
         found += [("windows", n) for n in re.findall(r"instances: (\d+) of 8 windows reused", run.stderr)]
         reused[point] = {name: int(n) for name, n in found}
         logging.getLogger(__name__).info("run killed at %s reused %s", point, reused[point])
-    assert _markers(tmp_path, "maps") == 8 and _markers(tmp_path, "windows") == 8
+    assert _markers(tmp_path, "maps") == BLOCKS and _markers(tmp_path, "windows") == 8
     assert _markers(tmp_path, "instances") == 8
     assert not (tmp_path / "predictions" / f"{DEMO_STEM}_instances.mrc").exists()  # killed after the h5
     final = _cli(cfg)
     assert final.returncode == 0, final.stderr[-2000:]
-    assert "maps: 8 of 8 chunks done in an earlier run" in final.stderr
+    assert f"maps: {BLOCKS} of {BLOCKS} inference blocks done in an earlier run" in final.stderr
     assert "8 of 8 windows reused" in final.stderr
     assert reused["maps:2"] == {}
-    assert 2 <= reused["windows:3"]["maps"] < 8
-    assert reused["instances:5"]["maps"] == 8 and 3 <= reused["instances:5"]["windows"] < 8
-    assert reused["outputs:1"] == {"maps": 8, "windows": 8, "labels": reused["outputs:1"]["labels"]}
+    assert 2 <= reused["windows:3"]["maps"] < BLOCKS
+    assert reused["instances:5"]["maps"] == BLOCKS and 3 <= reused["instances:5"]["windows"] < 8
+    assert reused["outputs:1"] == {"maps": BLOCKS, "windows": 8, "labels": reused["outputs:1"]["labels"]}
     assert 5 <= reused["outputs:1"]["labels"] < 8
     _assert_same(_outputs(tmp_path / "predictions"), clean)
 
@@ -169,17 +170,18 @@ def test_resume_after_kills_in_every_stage(tmp_path, clean):
 def test_changed_setting_does_not_reuse_stale_chunks(tmp_path, client):
     cfg_path = _case(tmp_path)
     [first] = instance_predict(load_config(cfg_path), client=client)
-    assert first.report["maps_chunks_computed"] == 8 and first.report["windows_computed"] == 8
+    assert first.report["maps_blocks"] == first.report["maps_blocks_computed"] == BLOCKS
+    assert first.report["windows_computed"] == 8
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["parameters"]["network"]["threshold_foreground"] = 0.6
     cfg_path.write_text(yaml.safe_dump(cfg))
     [second] = instance_predict(load_config(cfg_path), client=client)
-    assert second.report["maps_chunks_computed"] == 0  # maps do not depend on the threshold
+    assert second.report["maps_blocks_computed"] == 0  # maps do not depend on the threshold
     assert second.report["windows_computed"] == 8  # instances do: a new store
     ckpt = Path(cfg["trained_model"])
     os.utime(ckpt, ns=(time.time_ns(), time.time_ns() + 10**9))  # "a new checkpoint"
     [third] = instance_predict(load_config(cfg_path), client=client)
-    assert third.report["maps_chunks_computed"] == 8
+    assert third.report["maps_blocks_computed"] == BLOCKS
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -211,12 +213,13 @@ def test_worker_killed_mid_run_gives_identical_output(tmp_path, clean):
 
 
 # ------------------------------------------------------------------------------- workers that fail (14)
-def _failed_run(tmp: Path, fault: str, limit_s: float = 150) -> str:
-    """Run the CLI with ``fault``; check exit code 2, bounded time, one error line, nothing complete."""
+def _failed_run(tmp: Path, fault: str, limit_s: float = 150, code: int = 3) -> str:
+    """Run the CLI with ``fault``; check the exit code (3: the tomogram failed, 2: the run could not start),
+    bounded time, one error line, nothing complete."""
     t0 = time.monotonic()
     run = _cli(_case(tmp), fault=fault, timeout=limit_s + 60)  # the timeout only guards against a hang
     elapsed = time.monotonic() - t0
-    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.returncode == code, run.stderr[-3000:]
     assert elapsed < limit_s, elapsed
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, run.stderr[-3000:]
@@ -240,20 +243,20 @@ def test_worker_killed_on_every_task_fails_fast(tmp_path):
 def test_task_that_raises_fails_with_its_message_and_rerun_resumes(tmp_path, clean, client):
     error = _failed_run(tmp_path, "task-raises:windows")
     assert "stage instances failed: RuntimeError: injected fault in a windows task" in error
-    assert _markers(tmp_path, "maps") == 8 and _markers(tmp_path, "windows") == 0
+    assert _markers(tmp_path, "maps") == BLOCKS and _markers(tmp_path, "windows") == 0
     [result] = instance_predict(load_config(tmp_path / "config_instance.yaml"), client=client)
-    assert result.report["maps_chunks_computed"] == 0  # the maps of the failed run are reused
+    assert result.report["maps_blocks_computed"] == 0  # the maps of the failed run are reused
     _assert_same(_outputs(tmp_path / "predictions"), clean)
 
 
 def test_worker_that_cannot_import_fails_at_start(tmp_path):
     """Such a worker used to hang the run (distributed cannot unpickle the task it is sent)."""
-    error = _failed_run(tmp_path, "worker-import:cryosiam_dask.network.predict", limit_s=90)
+    error = _failed_run(tmp_path, "worker-import:cryosiam_dask.network.predict", limit_s=90, code=2)
     assert "cannot import cryosiam_dask.run.maps (ImportError: libbroken.so" in error
 
 
 def test_worker_that_cannot_start(tmp_path):
-    error = _failed_run(tmp_path, "worker-start", limit_s=90)
+    error = _failed_run(tmp_path, "worker-start", limit_s=90, code=2)
     assert "the dask workers of the local cpu cluster could not start" in error
     assert "exited with status 3" in error
 
@@ -311,7 +314,7 @@ def test_stale_stores_are_collected_after_a_successful_run(tmp_path, client):
     cfg["cryosiam_dask"]["work_dir_cleanup"] = "all"
     cfg_path.write_text(yaml.safe_dump(cfg))
     [result] = instance_predict(load_config(cfg_path), client=client)
-    assert result.report["maps_chunks_computed"] == 0 and _stores(tmp_path) == set()  # used, then removed
+    assert result.report["maps_blocks_computed"] == 0 and _stores(tmp_path) == set()  # used, then removed
     assert (tmp_path / "predictions" / ".cryosiam_dask" / DEMO_STEM / "notes.txt").read_text() == "mine"
     assert (tmp_path / "predictions" / f"{DEMO_STEM}_instance_preds.h5").is_file()
 
@@ -344,9 +347,11 @@ def test_disk_full_while_writing_outputs(tmp_path, client, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(outputs, "write_instances_h5", full)
-    with pytest.raises(OutputError) as e:
+    with pytest.raises(TomogramsFailed) as e:
         instance_predict(load_config(_case(tmp_path)), client=client)
-    message = str(e.value)
+    [failure] = e.value.failed
+    assert isinstance(failure.error, OutputError) and failure.stage == "outputs"
+    message = failure.line()
     assert "disk full" in message and f"{DEMO_STEM}_instance_preds.h5" in message and "\n" not in message
     assert not list((tmp_path / "predictions").glob(f"{DEMO_STEM}_instance*"))
 
@@ -355,12 +360,14 @@ def test_disk_full_in_work_dir(tmp_path, client, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    from cryosiam_dask.run import resume
+    from cryosiam_dask.run import maps
 
-    monkeypatch.setattr(resume, "write_chunk", full)
-    with pytest.raises(OutputError, match="disk full") as e:
+    monkeypatch.setattr(maps, "write_region", full)
+    with pytest.raises(TomogramsFailed) as e:
         instance_predict(load_config(_case(tmp_path)), client=client)
-    assert "\n" not in str(e.value)
+    [failure] = e.value.failed
+    assert isinstance(failure.error, OutputError) and "disk full" in failure.line()
+    assert "\n" not in failure.line()
     assert _markers(tmp_path, "maps") == 0
 
 
@@ -400,8 +407,11 @@ def test_nan_voxels_refused_with_count(tmp_path, client):
     volume[0, 0, :3] = np.nan
     volume[5, 5, 5] = np.inf
     cfg = _write_case(tmp_path, {"TS_nan": volume})
-    with pytest.raises(InputFileError, match=r"TS_nan\.mrc: 4 NaN/inf voxel\(s\) of 131072; replace them"):
+    with pytest.raises(TomogramsFailed) as e:  # found while streaming the file: that tomogram fails
         instance_predict(load_config(cfg), client=client)
+    [failure] = e.value.failed
+    assert isinstance(failure.error, InputFileError) and failure.stage == "inputs"
+    assert re.search(r"TS_nan\.mrc: 4 NaN/inf voxel\(s\) of 131072; replace them", failure.line())
     assert not [
         p for p in (tmp_path / "predictions").iterdir() if not p.name.startswith(("cryosiam_dask_", "."))
     ]
