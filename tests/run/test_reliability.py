@@ -148,7 +148,8 @@ def test_resume_after_kills_in_every_stage(tmp_path, clean):
     for point in ("maps:2", "windows:3", "instances:5", "outputs:1"):
         run = _cli(cfg, point)
         assert run.returncode == -signal.SIGKILL, (point, run.stderr[-2000:])
-        found = re.findall(r"(\w+): (\d+) of \d+ (?:chunks|inference blocks) done in an earlier run", run.stderr)
+        done = r"(\w+): (\d+) of \d+ (?:chunks|inference blocks) done in an earlier run"
+        found = re.findall(done, run.stderr)
         found += [("windows", n) for n in re.findall(r"instances: (\d+) of 8 windows reused", run.stderr)]
         reused[point] = {name: int(n) for name, n in found}
         logging.getLogger(__name__).info("run killed at %s reused %s", point, reused[point])
@@ -571,3 +572,62 @@ def test_two_concurrent_runs_do_not_corrupt_each_other(tmp_path, clean):
     _, stderr = first.communicate(timeout=240)
     assert first.returncode == 0, stderr[-2000:]
     _assert_same(_outputs(tmp_path / "predictions"), clean)
+
+
+# ------------------------------------------------------------------------------------ datasets (issue 20)
+def _damage_one_chunk(path: Path) -> None:
+    """Overwrite the bytes of one compressed chunk of ``labels``: the file opens and its shape reads."""
+    with h5py.File(path, "r") as f:
+        info = f["labels"].id.get_chunk_info(0)
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset)
+        f.write(b"\xff" * info.size)
+
+
+def test_one_unreadable_mask_costs_one_tomogram(tmp_path, clean, client):
+    """Three tomograms, one lamella mask with a damaged chunk: the other two are written (identical to a
+    clean run), one error line names the tomogram and the mask file, the summary, exit code 3; a rerun after
+    the fix computes only the failed tomogram."""
+    cfg_path = _case(tmp_path)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["test_files"] = None
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    src, mask = tmp_path / "data" / f"{DEMO_STEM}.mrc", tmp_path / "lamella" / f"{DEMO_STEM}_preds.h5"
+    for stem in ("TS_bad", "TS_ok"):
+        (tmp_path / "data" / f"{stem}.mrc").write_bytes(src.read_bytes())
+        (tmp_path / "lamella" / f"{stem}_preds.h5").write_bytes(mask.read_bytes())
+    bad_mask = tmp_path / "lamella" / "TS_bad_preds.h5"
+    _damage_one_chunk(bad_mask)
+    run = _cli(cfg_path)
+    assert run.returncode == 3, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "TS_bad (TS_bad.mrc)" in errors[0] and str(bad_mask) in errors[0], errors
+    assert "Traceback" not in run.stderr
+    assert "instance_predict: 2 done, 1 failed, 0 skipped" in run.stderr
+    out = tmp_path / "predictions"
+    for stem in (DEMO_STEM, "TS_ok"):
+        _assert_same(_outputs(out, stem), clean)
+    assert not list(out.glob("TS_bad_*"))
+    (tmp_path / "lamella" / "TS_bad_preds.h5").write_bytes(mask.read_bytes())  # fixed
+    results = {r.stem: r for r in instance_predict(load_config(cfg_path), client=client)}
+    assert results["TS_bad"].report["maps_blocks_computed"] == BLOCKS
+    for stem in (DEMO_STEM, "TS_ok"):
+        assert results[stem].report["maps_blocks_computed"] == 0
+        assert results[stem].report["windows_computed"] == 0
+    _assert_same(_outputs(out, "TS_bad"), clean)
+
+
+def test_validation_names_every_bad_input_file(tmp_path):
+    cfg = _case(tmp_path)
+    text = yaml.safe_load(cfg.read_text())
+    text["test_files"] = None
+    cfg.write_text(yaml.safe_dump(text))
+    (tmp_path / "data" / "TS_garbage.mrc").write_bytes(b"not an mrc file")
+    (tmp_path / "data" / "TS_nomask.mrc").write_bytes((tmp_path / "data" / f"{DEMO_STEM}.mrc").read_bytes())
+    with pytest.raises(InputFileError) as e:
+        instance_predict(load_config(cfg))
+    message = str(e.value)
+    assert message.startswith("2 of 3 tomograms have bad input files")
+    assert "TS_garbage.mrc: not a valid MRC file" in message
+    assert "TS_nomask_preds.h5: lamella mask not found" in message
+    assert "\n" not in message
