@@ -243,7 +243,7 @@ def run_once(
         "peak_after_stage_MiB": by_stage,
         "worker_memory_limit_MiB": sum(limits) / 2**20,
         "n_instances": res[0].n_instances,
-        "stage_s": res[0].report.get("stage_seconds_all_tomograms", {}),
+        "stage_s": res[0].report.get("stage_seconds", {}),
         "oversized": res[0].report.get("n_oversized", res[0].report.get("oversized")),
     }
 

@@ -37,7 +37,7 @@ def run(shape: tuple[int, int, int], chunks: tuple[int, int, int], workers: int)
                 cfg_path.write_text(yaml.safe_dump(data))
                 cfg = load_config(cfg_path, {"chunk_size": list(chunks), "output_formats": ["cryosiam"]})
                 [res] = instance_predict(cfg, client=client)
-                sec = res.report["stage_seconds_all_tomograms"]
+                sec = res.report["stage_seconds"]
                 rows.append({"postprocessing": post, "instances_s": round(sec["instances"], 2),
                              "multicut_s": round(sec.get("multicut", 0.0), 2),
                              "outputs_s": round(sec["outputs"], 2), "n_instances": res.n_instances,

@@ -1,6 +1,6 @@
 """``tiling: fast`` (its defaults) and ``exact`` against the original's outputs on the golden case.
 
-Reads ``../shared/fixtures/cryosiam_golden`` (tomogram, lamella mask, tiny checkpoint, the original's maps and
+Reads ``tests/fixtures/cryosiam_golden`` (tomogram, lamella mask, tiny checkpoint, the original's maps and
 instances), predicts the maps with each tiling in this process (synchronous scheduler), runs the golden
 post-processing (``postprocessing/settings.json`` ``a_default``) and prints, per tiling: max and mean |Δ| of
 each map vs the original's, the fraction of voxels with the same foreground decision, the instances and how
@@ -21,7 +21,7 @@ import numpy as np
 from benchmarks._common import table
 from benchmarks.bench_exact import f1_at
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "cryosiam_golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "cryosiam_golden"
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

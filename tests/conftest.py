@@ -9,14 +9,15 @@ import h5py
 import numpy as np
 import pytest
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "cryosiam_golden"
+GOLDEN = Path(__file__).resolve().parent / "fixtures" / "cryosiam_golden"
 
 
 @pytest.fixture(scope="session")
 def golden() -> Path:
-    """Folder of outputs produced by the original CryoSiam code (../shared/fixtures/cryosiam_golden)."""
-    if not GOLDEN.is_dir():
-        pytest.skip(f"golden fixture folder not found: {GOLDEN}")
+    """Folder of outputs produced by the original CryoSiam code (``tests/fixtures/cryosiam_golden``, with its
+    README on how they were made); a missing folder fails every comparison instead of skipping it."""
+    if not (GOLDEN / "golden.json").is_file():
+        pytest.fail(f"golden fixture folder missing or incomplete: {GOLDEN}")
     return GOLDEN
 
 

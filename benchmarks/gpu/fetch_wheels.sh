@@ -57,7 +57,7 @@ for r in "${reqs[@]}"; do
 done
 
 # the golden fixture, when it is beside the checkout
-GOLDEN_SRC="$ROOT/../shared/fixtures/cryosiam_golden"
+GOLDEN_SRC="$ROOT/../shared/fixtures/cryosiam_golden"  # tests/fixtures/ has it too (travels in the tree)
 if [[ -d "$GOLDEN_SRC" ]]; then
   rm -rf "$GOLDEN_DST" && cp -r "$GOLDEN_SRC" "$GOLDEN_DST"
 else

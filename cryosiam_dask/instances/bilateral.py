@@ -5,7 +5,7 @@ axis, normalised to sum 1; range weights from a 100-entry table of the Gaussian 
 ``4 * range_sigma / 100``, looked up at ``floor(|neighbour - centre| / step)``; neighbours at or beyond
 ``4 * range_sigma`` left out;
 out-of-volume neighbours replicate the edge voxel; the weighted sum divided by the sum of the weights, in
-float64, rounded to float32. Reproduces ``../shared/fixtures/cryosiam_golden/postprocessing/
+float64, rounded to float32. Reproduces ``tests/fixtures/cryosiam_golden/postprocessing/
 bilateral_boundaries.h5`` exactly. All arrays are (z, y, x).
 """
 

@@ -14,6 +14,7 @@ gone, every worker paused for lack of memory) stops every chain; tomograms not s
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -115,6 +116,7 @@ def run_tomogram(settings: RunSettings, path: Path, stem: str, lane: Lane, stage
     if count == 0:
         logger.warning("%s: 0 instances found (outputs written with 0 instances)", stem)
     logger.info("%s: %d instances -> %s", stem, count, ", ".join(p.name for p in paths.values()))
+    logger.info("%s: stage seconds %s", stem, json.dumps(stage.timings))
     return TomogramResult(stem=stem, shape=item.shape, n_instances=count, outputs=paths, report=report)
 
 

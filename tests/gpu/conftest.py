@@ -2,9 +2,9 @@
 
 The CPU tests of this folder (no marker) run the device code paths on numpy/CPU in the normal suite.
 
-On the device machine the ``../shared`` folder beside the checkout does not travel: the golden fixture is
-looked up in ``$CRYOSIAM_GOLDEN``, beside the checkout (as in ``tests/conftest.py``), then in
-``benchmarks/gpu/golden`` (copied there by ``benchmarks/gpu/fetch_wheels.sh``).
+The golden fixture is looked up in ``$CRYOSIAM_GOLDEN``, in the repository
+(``tests/fixtures/cryosiam_golden``, which travels to the device machine with the working tree), beside the
+checkout, then in ``benchmarks/gpu/golden``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN_PLACES = [
+    ROOT / "tests" / "fixtures" / "cryosiam_golden",  # in the repository: travels with the working tree
     ROOT.parent / "shared" / "fixtures" / "cryosiam_golden",
     ROOT / "benchmarks" / "gpu" / "golden",
 ]

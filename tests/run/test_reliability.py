@@ -316,6 +316,7 @@ def test_stale_stores_are_collected_after_a_successful_run(tmp_path, client):
     cfg_path.write_text(yaml.safe_dump(cfg))
     [result] = instance_predict(load_config(cfg_path), client=client)
     assert result.report["maps_blocks_computed"] == 0 and _stores(tmp_path) == set()  # used, then removed
+    assert not (tmp_path / "predictions" / ".cryosiam_dask" / f"{DEMO_STEM}.zarr").exists()  # the conversion
     assert (tmp_path / "predictions" / ".cryosiam_dask" / DEMO_STEM / "notes.txt").read_text() == "mine"
     assert (tmp_path / "predictions" / f"{DEMO_STEM}_instance_preds.h5").is_file()
 
