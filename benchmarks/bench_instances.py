@@ -4,7 +4,7 @@ Synthetic maps like the network's targets (random balls: fg = blurred ball indic
 clipped to [-5, 5]), one run each: (a) ``instances.instance_segmentation`` on the whole volume in this
 process; on a process LocalCluster of 1 and 2 workers (one thread each), a warm-up on a small volume before:
 (b) ``merge.segment_instances`` (the in-memory API) on input persisted first (``--api memory``), and (c) the
-pipeline's instance stage ``run.segment.segment_all`` on maps in a zarr store, as the pipeline reads them,
+pipeline's instance stage ``run.segment.segment_one`` on maps in a zarr store, as the pipeline reads them,
 keys, records and labels written to a fresh work dir (``--api store``). Prints voxels/s, peak RSS (this
 process plus its workers, sampled), the ratios against (a), the 2-worker speed-up over 1 worker, the CPU
 seconds the workers and this process (client + scheduler) used, and whether the chunked ids equal the
@@ -69,24 +69,26 @@ def _cpu_seconds() -> float:
 def time_chunked(
     fg: np.ndarray, dist: np.ndarray, chunks: tuple[int, ...], halo: int, workers: int
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """``merge.segment_instances`` on persisted input: wall, peak RSS, CPU seconds of workers and client."""
+    """``segment_instances`` (in memory) on persisted input: wall, peak RSS, CPU s of workers and client."""
     import dask.array as da
     from distributed import Client, LocalCluster, wait
 
-    from cryosiam_dask.instances.merge import segment_instances
+    from cryosiam_dask.instances.memory_store import segment_instances
+    from cryosiam_dask.instances.params import PostParams
 
     with (
         LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cl,
         Client(cl) as client,
     ):
         small = [da.from_array(a[:24, :24, :24], chunks=12) for a in (fg, dist)]
-        segment_instances(*small, halo=halo, **PARAMS)[0].compute()  # warm-up (imports in the workers)
+        warm = PostParams(halo=halo, **PARAMS)
+        segment_instances(*small, warm)[0].compute()  # warm-up (imports in the workers)
         f, d = (client.persist(da.from_array(a, chunks=chunks)) for a in (fg, dist))
         wait([f, d])
         cpu0, me0 = client.run(_cpu_seconds), time.process_time()
         with PeakRSS() as mem:
             t0 = time.perf_counter()
-            lazy, report = segment_instances(f, d, halo=halo, **PARAMS)
+            lazy, report = segment_instances(f, d, PostParams(halo=halo, **PARAMS))
             labels = lazy.compute()
             wall = time.perf_counter() - t0
         cpu1, me1 = client.run(_cpu_seconds), time.process_time()
@@ -106,15 +108,16 @@ def time_chunked(
 def time_stage(
     fg: np.ndarray, dist: np.ndarray, chunks: tuple[int, ...], halo: int, workers: int, work: Path
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """The pipeline's instance stage (``run.segment.segment_all``) on zarr maps, into a fresh work dir."""
+    """The pipeline's instance stage (``run.segment.segment_one``) on zarr maps, into a fresh work dir."""
     import shutil
 
     import dask.array as da
     import zarr
     from distributed import Client, LocalCluster
 
+    from cryosiam_dask.instances.params import PostParams
     from cryosiam_dask.run.maps import Maps
-    from cryosiam_dask.run.segment import segment_all
+    from cryosiam_dask.run.segment import segment_one
     from cryosiam_dask.run.settings import InstanceSettings
 
     def maps_of(f: np.ndarray, d: np.ndarray, path: Path, c: tuple[int, ...]) -> Maps:
@@ -126,7 +129,7 @@ def time_stage(
             arrays.append(da.from_zarr(z, chunks=c))
         return Maps(*arrays, key=path.stem, raw_reused=False, report={})
 
-    settings = InstanceSettings(**PARAMS, boundary_bias=0.45, postprocessing=False, halo=halo)
+    settings = InstanceSettings(post=PostParams(halo=halo, **PARAMS))
     shutil.rmtree(work, ignore_errors=True)
     small = maps_of(fg[:24, :24, :24], dist[:24, :24, :24], work / "small_maps.zarr", (12, 12, 12))
     maps = maps_of(fg, dist, work / "maps.zarr", chunks)
@@ -134,11 +137,11 @@ def time_stage(
         LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cl,
         Client(cl) as client,
     ):
-        segment_all(["small"], [small], settings, work / "warm")  # warm-up (imports in the workers)
+        segment_one("small", small, settings, work / "warm")  # warm-up (imports in the workers)
         cpu0, me0 = client.run(_cpu_seconds), time.process_time()
         with PeakRSS() as mem:
             t0 = time.perf_counter()
-            (out,) = segment_all(["bench"], [maps], settings, work / f"run{workers}")
+            out = segment_one("bench", maps, settings, work / f"run{workers}")
             wall = time.perf_counter() - t0
         cpu1, me1 = client.run(_cpu_seconds), time.process_time()
         labels = out.labels.compute()

@@ -93,61 +93,47 @@ def predict(
         raise user_error(e) from e
 
 
-def segment(
-    foreground: Any,
-    distance: Any,
-    *,
-    threshold_foreground: float = 0.65,
-    min_center_distance: float = 1,
-    max_center_distance: float = 4,
-    distance_type: int = 1,
-    halo: int = 32,
-    boundary: Any = None,
-    postprocessing: bool = False,
-    boundary_bias: float = 0.8,
-) -> da.Array:
-    """CryoSiam's seeded-watershed instances of the maps, as a lazy dask array with global ids.
+def segment(foreground: Any, distance: Any, *, boundary: Any = None, **params: Any) -> da.Array:
+    """CryoSiam's instances of the maps, as a dask array with global ids.
 
     Parameters
     ----------
     foreground, distance : (Z, Y, X) dask or numpy arrays of float32
         Network maps (:func:`predict`), already multiplied by the lamella mask.
-    threshold_foreground, min_center_distance, max_center_distance, distance_type
-        CryoSiam's ``parameters.network`` keys, with their real meaning (see the README's config reference).
-    halo : int, default 32
     boundary : (Z, Y, X) dask or numpy array of float32, optional
-        The boundary map; needed when `postprocessing` is True.
-    postprocessing, boundary_bias : bool and float, defaults False and 0.8
-        CryoSiam's multicut after the watershed (the ``multicut`` extra), with its bias; the edge graph is
-        solved when this function is called, the relabelling stays lazy.
+        The boundary map; needed when ``postprocessing`` is True.
+    **params
+        The fields of :class:`~cryosiam_dask.instances.params.PostParams`: CryoSiam's ``parameters.network``
+        keys (``threshold_foreground``, ``min_center_distance``, ``max_center_distance``, ``distance_type``,
+        ``boundary_bias``, ``postprocessing``: the multicut) and the ``halo``, with CryoSiam's defaults.
 
     Returns
     -------
     labels : (Z, Y, X) dask.array.Array of uint32
         Instance ids 1..N, 0 = background, unique across the whole volume.
+
+    Notes
+    -----
+    Not lazy throughout: the watershed windows (and the multicut's edge graph) are computed when this function
+    is called, because the id table needs every window's keys; the returned labels are a lazy lookup of the
+    kept keys, computed chunk by chunk.
     """
-    from cryosiam_dask.instances.merge import segment_instances
+    from cryosiam_dask.instances.memory_store import segment_instances
+    from cryosiam_dask.instances.params import PostParams
     from cryosiam_dask.run.settings import user_error
 
     fg = foreground if isinstance(foreground, da.Array) else da.from_array(foreground, chunks=DEFAULT_CHUNKS)
     dist = distance if isinstance(distance, da.Array) else da.from_array(distance, chunks=fg.chunks)
     try:
-        labels, _ = segment_instances(
-            fg,
-            dist,
-            threshold_foreground=threshold_foreground,
-            min_center_distance=min_center_distance,
-            max_center_distance=max_center_distance,
-            distance_type=distance_type,
-            halo=halo,
-        )
-        if postprocessing and boundary_bias != 1:
+        p = PostParams.from_kwargs(**params)
+        labels, _ = segment_instances(fg, dist, p)
+        if p.multicut_on:
             from cryosiam_dask.instances.multicut import multicut_chunked
 
             if boundary is None:
                 raise ParameterError("boundary", "is needed by the multicut (postprocessing=True)")
             bnd = boundary if isinstance(boundary, da.Array) else da.from_array(boundary, chunks=fg.chunks)
-            labels, _ = multicut_chunked(labels.persist(), bnd, boundary_bias=boundary_bias)
+            labels, _ = multicut_chunked(labels.persist(), bnd, boundary_bias=p.boundary_bias)
     except ParameterError as e:
         raise user_error(e) from e
     return labels

@@ -54,7 +54,7 @@ def config_file(tmp_path: Path) -> Path:
             },
         },
         "hyper_parameters": {"batch_size": 2},
-        "cryosiam_dask": {"halo": 8, "tiling": "exact"},
+        "cryosiam_dask": {"halo": 12, "tiling": "exact"},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -104,7 +104,7 @@ def test_instance_predict_calls_pipeline(config_file, pipeline, spelling):
     [(name, (cfg,), kwargs)] = pipeline
     assert name == "instance_predict" and kwargs == {"filename": None}
     assert cfg.source == config_file and cfg.hyper_parameters.batch_size == 2
-    assert (cfg.cryosiam_dask.halo, cfg.cryosiam_dask.tiling) == (8, "exact")  # the file's section
+    assert (cfg.cryosiam_dask.halo, cfg.cryosiam_dask.tiling) == (12, "exact")  # the file's section
     assert cfg.cryosiam_dask.chunk_size == DaskSettings().chunk_size
 
 
@@ -126,7 +126,7 @@ def test_flags_override_the_config(config_file, pipeline, tmp_path):
         "32",
         "48",
         "--halo",
-        "4",
+        "14",
         "--tiling",
         "fast",
         "--device",
@@ -151,7 +151,7 @@ def test_flags_override_the_config(config_file, pipeline, tmp_path):
     s = pipeline[0][1][0].cryosiam_dask
     assert (s.chunk_size, s.halo, s.tiling, s.device, s.scheduler_address) == (
         (16, 32, 48),
-        4,
+        14,
         "fast",
         "cpu",
         "tcp://h:8786",

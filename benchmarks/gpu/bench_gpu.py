@@ -14,7 +14,7 @@ Run by ``benchmarks/gpu/run_device.sh`` on the device machine (or alone once the
 - **allocator** (CUDA only, each in a fresh process): the same network loop with torch's caching allocator,
   with RMM's default resource for torch and cupy (what ``LocalCUDACluster(rmm_pool_size=None,
   rmm_allocator_external_lib_list=[...])`` sets: no pool) and with an RMM pool / async pool.
-- **post-processing**: ``instances.merge.window_keys`` on one window (chunk + halo) of ball maps, numpy
+- **post-processing**: ``instances.windows.segment_window`` on one window (chunk + halo) of ball maps, numpy
   against cupy, with the share of each stage (host→device copy, smoothing + EDT, markers, watershed, the
   rest: components, keys). The watershed is skimage's on the host for cupy blocks too (CryoSiam's partition);
   the array flood (``method="flood"``) is timed beside it for reference, with whether it gave the same
@@ -319,20 +319,20 @@ def bench_allocators(args: argparse.Namespace, folder: Path) -> list[dict[str, A
 
 # --------------------------------------------------------------------------- post-processing
 def window_case(core: tuple[int, int, int], halo: int) -> dict[str, Any]:
-    """Ball maps of one window (core + halo on every side) and window_keys's arguments for it."""
+    """Ball maps of one window (core + halo on every side) and segment_window's arguments for it."""
     from benchmarks.bench_instances import setup
-    from cryosiam_dask.instances.windows import margin_for
+    from cryosiam_dask.instances.params import PostParams
 
     wshape = tuple(c + 2 * halo for c in core)
     fg, dist = setup(wshape, seed=1)
     kwargs = dict(start=(halo, halo, halo), core=tuple(slice(halo, halo + c) for c in core),
                   cut=((True, True),) * 3, shape=tuple(c + 4 * halo for c in core),
-                  margin=margin_for(PP_PARAMS["distance_type"]), params=PP_PARAMS)
+                  params=PostParams(**PP_PARAMS))
     return {"fg": fg, "dist": dist, "kwargs": kwargs, "core_voxels": int(np.prod(core))}
 
 
 def postprocess_stages(fg: Any, dist: Any, timer: StageTimer, flood_passes: int = 0) -> Any:
-    """The pieces of window_keys in sequence, timed (the watershed labels are returned).
+    """The pieces of segment_window in sequence, timed (the watershed labels are returned).
 
     `flood_passes` > 0: the array flood (at most that many passes) instead of skimage's watershed.
     """
@@ -355,7 +355,10 @@ def postprocess_stages(fg: Any, dist: Any, timer: StageTimer, flood_passes: int 
 
 
 def bench_postprocessing(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from cryosiam_dask.instances.merge import window_keys
+    from cryosiam_dask.instances.windows import segment_window
+
+    def window_keys(fg: Any, dist: Any, **kw: Any) -> Any:
+        return segment_window(fg, dist, **kw).keys
 
     case = window_case(tuple(args.pp_core), args.halo)
     fg, dist, kw = case["fg"], case["dist"], case["kwargs"]
@@ -364,7 +367,7 @@ def bench_postprocessing(args: argparse.Namespace) -> list[dict[str, Any]]:
     # numpy
     window_keys(fg[:24, :24, :24], dist[:24, :24, :24], **{**kw, "core": (slice(0, 24),) * 3})  # warm-up
     t0 = time.perf_counter()
-    keys_np = window_keys(fg, dist, **kw)[0]
+    keys_np = window_keys(fg, dist, **kw)
     wall = time.perf_counter() - t0
     timer = StageTimer(lambda: None)
     labels_np = postprocess_stages(fg, dist, timer)
@@ -389,7 +392,7 @@ def bench_postprocessing(args: argparse.Namespace) -> list[dict[str, Any]]:
         sync()
         t0 = time.perf_counter()
         fg_d, dist_d = cupy.asarray(fg), cupy.asarray(dist)
-        keys_d = window_keys(fg_d, dist_d, **kw)[0]
+        keys_d = window_keys(fg_d, dist_d, **kw)
         keys_h = keys_d.get()
         walls.append(time.perf_counter() - t0)
     wall = statistics.median(walls)

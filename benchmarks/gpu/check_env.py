@@ -13,7 +13,7 @@ REQUIRED = [
     "zarr", "numcodecs", "mrcfile", "monai", "monai.networks.nets", "pydantic", "typer", "filelock", "pandas",
     "psutil",
     "cryosiam_dask", "cryosiam_dask.run.driver", "cryosiam_dask.network.prepared",
-    "cryosiam_dask.instances.merge", "cryosiam_dask.testing.checkpoints",
+    "cryosiam_dask.instances.chunked", "cryosiam_dask.testing.checkpoints",
 ]
 OPTIONAL = [
     "ome_zarr", "starfile", "cupy", "cupyx.scipy.ndimage", "cucim", "cucim.skimage.segmentation", "rmm",

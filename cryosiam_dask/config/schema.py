@@ -28,7 +28,8 @@ from pydantic import (
 )
 
 from cryosiam_dask._types import DEFAULT_CHUNKS
-from cryosiam_dask.errors import ConfigError, InputFileError
+from cryosiam_dask.errors import ConfigError, InputFileError, ParameterError
+from cryosiam_dask.instances.params import PostParams
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +217,26 @@ class InstanceConfig(_Model):
             raise ValueError(
                 "'semantic_predictions' is set but 'semantic_foreground_labels' is missing or empty"
             )
+        try:
+            self.post_params  # noqa: B018  # the post-processing's own checks (halo vs reach), before any work
+        except ParameterError as e:
+            key = "cryosiam_dask.halo" if e.parameter == "halo" else f"parameters.network.{e.parameter}"
+            raise ValueError(f"{key} {e.problem}") from None
         return self
+
+    @property
+    def post_params(self) -> PostParams:
+        """CryoSiam's post-processing keys and our halo, as the pipeline's :class:`PostParams`."""
+        n = self.parameters.network
+        return PostParams(
+            threshold_foreground=n.threshold_foreground,
+            min_center_distance=n.min_center_distance,
+            max_center_distance=n.max_center_distance,
+            distance_type=n.distance_type,
+            boundary_bias=n.boundary_bias,
+            postprocessing=n.postprocessing,
+            halo=self.cryosiam_dask.halo,
+        )
 
     @property
     def source(self) -> Path | None:

@@ -1,7 +1,7 @@
 """CryoSiam's post-processing of one in-memory block: smoothing, the EDT term, markers, the watershed.
 
 These functions take numpy or cupy arrays and pick the array module from the array's own type
-(:mod:`cryosiam_dask.backend`), so :mod:`cryosiam_dask.instances.merge` runs the same code on CPU and GPU
+(:mod:`cryosiam_dask.backend`), so :mod:`cryosiam_dask.instances.chunked` runs the same code on CPU and GPU
 chunks, and :mod:`cryosiam_dask.instances.reference` on the whole volume. All arrays are (z, y, x).
 """
 

@@ -1,14 +1,15 @@
 """Support components larger than the halo: global labels from per-chunk parts, each one segmented whole.
 
 The chunked watershed is exact for every 26-connected component of the support (see
-:mod:`cryosiam_dask.instances.merge`) that stays `margin` voxels away from the cut faces of each window it
+:mod:`cryosiam_dask.instances.chunked`) that stays `margin` voxels away from the cut faces of each window it
 touches. The other ("large") components are found and segmented here, in three steps like dask-image's
 ``label``:
 
 1. Per chunk (:func:`core_parts`, run inside each window task): the 26-connected components of the support
    restricted to the chunk (its "parts", exact there since the halo exceeds the margin), with each part's
-   bounding box, one seed voxel, whether the window flagged it (its window component reaches the cut band),
-   its flagged keys, and the six face planes of the part labels.
+   bounding box, one seed voxel, whether it is flagged (its window component reaches the cut band: its keys
+   carry :data:`~cryosiam_dask.instances.keys.FLAG`), its flagged keys, and the six face planes of the part
+   labels.
 2. On the client (:func:`link_parts`): parts on the two sides of every chunk face that are 26-neighbours are
    joined (each voxel against the 3 x 3 voxels facing it, on whole-volume planes, so edges and corners are
    covered); the connected components of that graph are the support's global components. A component with a
@@ -16,13 +17,13 @@ touches. The other ("large") components are found and segmented here, in three s
 3. One task per large component (:func:`component_keys`) segments its box grown by ``margin + 1`` (clipped to
    the volume). Keys are translation-invariant and local to a support component, and the component stays out
    of that crop's cut band, so they equal the whole-volume keys. The crop's keys are kept on the component's
-   voxels only (its other voxels carry `MEMBER`), and :func:`combine_keys` lays them over the windows' keys
-   chunk by chunk.
+   voxels only (its other voxels carry `MEMBER`), and :func:`~cryosiam_dask.instances.keys.combine_keys` lays
+   them over the windows' keys chunk by chunk.
 
 Memory: one large task holds about `BYTES_PER_VOXEL` bytes per voxel of its crop (tracemalloc peak of
 :func:`component_keys` on a 48 x 64 x 64 crop of 60 balls: 151 for distance_type 0, 60 for types 1 and 2; plus
 the float32 input maps). Components whose crop exceeds the limit (`DEFAULT_LIMIT_BYTES`, 4 GiB: 26.8 million
-voxels, a 299^3 box) keep the windows' labels and are reported as oversized.
+voxels, a 299^3 box) are *oversized*: they keep the windows' labels and are reported.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ import numpy as np
 
 from cryosiam_dask._types import ShapeZYX
 from cryosiam_dask.backend import get_xp, to_numpy
+from cryosiam_dask.instances.keys import FLAG, MEMBER, marker_keys
+from cryosiam_dask.instances.params import PostParams
 
 __all__ = [
     "BYTES_PER_VOXEL",
     "DEFAULT_LIMIT_BYTES",
-    "MEMBER",
     "LargeComponent",
     "Parts",
-    "combine_keys",
     "component_keys",
     "core_parts",
     "limit_voxels",
@@ -49,9 +50,6 @@ __all__ = [
     "plan_large",
 ]
 
-FLAG = np.uint64(1 << 63)
-MEMBER = FLAG
-"""Value of a large component's crop on its voxels outside fg >= T (a key with no other bit is never used)."""
 BYTES_PER_VOXEL = 160
 """Peak bytes per crop voxel of one large-component task (segment_block + keys, float32 input maps)."""
 DEFAULT_LIMIT_BYTES = 4 << 30
@@ -77,9 +75,9 @@ class Parts:
         Bounding box of each part in the volume: z0, z1, y0, y1, x0, x1 (stop exclusive).
     seeds : (n, 3) ndarray of int64
         The (z, y, x) volume coordinates of each part's first voxel (raster order).
-    bad : (n,) ndarray of bool
+    flagged : (n,) ndarray of bool
         The part lies in a window component that reaches the window's cut band (its keys are flagged).
-    flagged : (m, 2) ndarray of uint64
+    flagged_keys : (m, 2) ndarray of uint64
         Distinct (part, flagged key) pairs of the chunk.
     faces : dict of str to 2-d ndarray of int32
         The part labels on the chunk's first and last plane along each axis ("z0", "z1", "y0", ...).
@@ -88,21 +86,26 @@ class Parts:
     n: int
     boxes: np.ndarray
     seeds: np.ndarray
-    bad: np.ndarray
     flagged: np.ndarray
+    flagged_keys: np.ndarray
     faces: dict[str, np.ndarray]
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Flat arrays for a done record (``np.savez``)."""
         out = {"parts_n": np.asarray(self.n), "parts_boxes": self.boxes, "parts_seeds": self.seeds}
-        out |= {"parts_bad": self.bad, "parts_flagged": self.flagged}
+        out |= {"parts_flagged": self.flagged, "parts_flagged_keys": self.flagged_keys}
         return out | {f"parts_face_{k}": v for k, v in self.faces.items()}
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> Parts:
         faces = {k: np.asarray(a[f"parts_face_{k}"]) for k in _FACES}
         return cls(
-            int(a["parts_n"]), a["parts_boxes"], a["parts_seeds"], a["parts_bad"], a["parts_flagged"], faces
+            int(a["parts_n"]),
+            a["parts_boxes"],
+            a["parts_seeds"],
+            a["parts_flagged"],
+            a["parts_flagged_keys"],
+            faces,
         )
 
     @classmethod
@@ -114,14 +117,14 @@ class Parts:
         return cls(0, e((0, 6), np.int64), e((0, 3), np.int64), e(0, bool), e((0, 2), np.uint64), faces)
 
 
-def core_parts(support: Any, bad_voxels: Any, keys: Any, origin: ShapeZYX) -> Parts:
+def core_parts(support: Any, flagged_voxels: Any, keys: Any, origin: ShapeZYX) -> Parts:
     """The parts of one chunk (step 1), labelled on the host (scipy; a cupy support is copied over).
 
     Parameters
     ----------
     support : (cz, cy, cx) numpy.ndarray or cupy.ndarray of bool
         The support on the chunk (exact there).
-    bad_voxels : (cz, cy, cx) ndarray of bool
+    flagged_voxels : (cz, cy, cx) ndarray of bool
         Voxels of window components that reach the cut band.
     keys : (cz, cy, cx) ndarray of uint64
         The chunk's keys (bit 63 = flagged).
@@ -141,11 +144,11 @@ def core_parts(support: Any, bad_voxels: Any, keys: Any, origin: ShapeZYX) -> Pa
     ) + np.repeat(o, 2)
     values, first = np.unique(lab.ravel(), return_index=True)
     seeds = np.stack(np.unravel_index(first[values > 0], lab.shape), axis=1).astype(np.int64) + o
-    bad = np.zeros(n + 1, bool)
-    bad[lab[to_numpy(bad_voxels)]] = True
+    flagged = np.zeros(n + 1, bool)
+    flagged[lab[to_numpy(flagged_voxels)]] = True
     k = to_numpy(keys)
     f = k >= FLAG
-    flagged = np.unique(np.stack([lab[f].astype(np.uint64), k[f]], axis=1), axis=0).reshape(-1, 2)
+    pairs = np.unique(np.stack([lab[f].astype(np.uint64), k[f]], axis=1), axis=0).reshape(-1, 2)
     faces = {
         "z0": lab[0],
         "z1": lab[-1],
@@ -155,7 +158,7 @@ def core_parts(support: Any, bad_voxels: Any, keys: Any, origin: ShapeZYX) -> Pa
         "x1": lab[:, :, -1],
     }
     faces = {key: np.ascontiguousarray(v) for key, v in faces.items()}
-    return Parts(int(n), boxes, seeds, bad[1:], flagged.astype(np.uint64), faces)
+    return Parts(int(n), boxes, seeds, flagged[1:], pairs.astype(np.uint64), faces)
 
 
 def _face_pairs(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -221,34 +224,24 @@ def link_parts(
 
 @dataclass(frozen=True)
 class LargeComponent:
-    """A support component with a flagged part.
+    """A support component with a flagged part: segmented whole by one task, unless it is oversized.
 
     Attributes
     ----------
     seed : (z, y, x)
         A voxel of the component (volume coordinates).
-    box : three slices
-        Its bounding box.
     crop : three slices
-        The box grown by ``margin + 1``, clipped to the volume: what its task segments.
-    fits : bool
-        The crop is within the memory limit (otherwise the windows' labels are kept).
-    flagged : (m,) ndarray of uint64
-        The flagged keys its parts carry in the windows (in the id table only when it does not fit).
-    chunks_touched : int
-        Number of chunks with a part of it.
+        Its bounding box grown by ``margin + 1``, clipped to the volume: what its task segments.
+    oversized : bool
+        The crop exceeds the memory limit of one task: the windows' (flagged) keys are kept.
+    flagged_keys : (m,) ndarray of uint64
+        The flagged keys its parts carry in the windows (in the id table only when it is oversized).
     """
 
     seed: tuple[int, int, int]
-    box: tuple[slice, slice, slice]
     crop: tuple[slice, slice, slice]
-    fits: bool
-    flagged: np.ndarray
-    chunks_touched: int
-
-    @property
-    def voxels(self) -> int:
-        return int(np.prod([s.stop - s.start for s in self.crop]))
+    oversized: bool
+    flagged_keys: np.ndarray
 
 
 def plan_large(
@@ -262,13 +255,12 @@ def plan_large(
     """The large components (step 2), ordered by their first part (deterministic), and their global ids."""
     large = np.zeros(n_components + 1, bool)
     for p, c in zip(parts, component_of, strict=True):
-        large[c[1:][p.bad]] = True
+        large[c[1:][p.flagged]] = True
     if not large.any():
         return [], []
     lo = np.full((n_components + 1, 3), np.iinfo(np.int64).max)
     hi = np.full((n_components + 1, 3), -1)
     seed = np.full((n_components + 1, 3), -1)
-    touched = np.zeros(n_components + 1, np.int64)
     flagged: list[list[np.ndarray]] = [[] for _ in range(n_components + 1)]
     for p, c in zip(parts, component_of, strict=True):
         g = c[1:]
@@ -278,11 +270,10 @@ def plan_large(
         np.maximum.at(hi, g, p.boxes[:, 1::2])
         unseen = seed[g, 0] < 0
         seed[g[unseen]] = p.seeds[unseen]
-        touched[np.unique(g)] += 1
-        if len(p.flagged):
-            fg = g[p.flagged[:, 0].astype(np.int64) - 1]
+        if len(p.flagged_keys):
+            fg = g[p.flagged_keys[:, 0].astype(np.int64) - 1]
             for gid in np.unique(fg[large[fg]]):
-                flagged[gid].append(p.flagged[fg == gid, 1])
+                flagged[gid].append(p.flagged_keys[fg == gid, 1])
     out, limit = [], limit_voxels(limit_bytes)
     for gid in np.flatnonzero(large):
         box = tuple(slice(int(a), int(b)) for a, b in zip(lo[gid], hi[gid], strict=True))
@@ -292,11 +283,7 @@ def plan_large(
         )
         voxels = int(np.prod([s.stop - s.start for s in crop]))
         keys = np.unique(np.concatenate(flagged[gid] + [np.zeros(0, np.uint64)]))
-        out.append(
-            LargeComponent(
-                tuple(int(v) for v in seed[gid]), box, crop, voxels <= limit, keys, int(touched[gid])
-            )
-        )  # type: ignore[arg-type]
+        out.append(LargeComponent(tuple(int(v) for v in seed[gid]), crop, voxels > limit, keys))  # type: ignore[arg-type]
     return out, [int(g) for g in np.flatnonzero(large)]
 
 
@@ -307,7 +294,7 @@ def component_keys(
     crop: tuple[slice, slice, slice],
     seed: tuple[int, int, int],
     shape: ShapeZYX,
-    params: dict[str, Any],
+    params: PostParams,
 ) -> tuple[Any, np.ndarray]:
     """Segment one large component whole (step 3).
 
@@ -321,8 +308,7 @@ def component_keys(
         A voxel of the component (volume coordinates).
     shape : (Z, Y, X)
         The volume's shape.
-    params : dict
-        The post-processing parameters of :func:`~cryosiam_dask.instances.block.segment_block`.
+    params : PostParams
 
     Returns
     -------
@@ -332,39 +318,14 @@ def component_keys(
         The distinct keys.
     """
     from cryosiam_dask.instances.block import label_block, segment_block
-    from cryosiam_dask.instances.merge import marker_keys
 
     xp = get_xp(foreground)
     start = tuple(s.start for s in crop)
-    labels, markers, level_of, mask, dist = segment_block(foreground, distance, **params)
-    comp, _ = label_block(mask | (dist >= params["min_center_distance"]))
+    labels, markers, level_of, mask, dist = segment_block(foreground, distance, **params.watershed_kwargs())
+    comp, _ = label_block(mask | (dist >= params.min_center_distance))
     member = comp == comp[tuple(int(v) - s for v, s in zip(seed, start, strict=True))]
     key_of = marker_keys(markers, level_of, start, shape)  # type: ignore[arg-type]
     keys = key_of[labels]
     keys = xp.where(member, xp.where(keys > 0, keys, xp.uint64(MEMBER)), xp.uint64(0))
     unique = to_numpy(xp.unique(keys))
     return keys, unique[(unique > 0) & (unique != MEMBER)]
-
-
-def combine_keys(keys: Any, region: tuple[slice, ...], pieces: list[tuple[Any, tuple[slice, ...]]]) -> Any:
-    """A chunk's keys with the large components' keys laid over them.
-
-    Parameters
-    ----------
-    keys : (cz, cy, cx) ndarray of uint64
-        The window's keys of the chunk at `region`.
-    pieces : list of (crop keys, crop slices)
-        Each large component's :func:`component_keys` output (ndarray or zarr array) and its crop.
-    """
-    xp = get_xp(keys)
-    out = xp.array(keys, copy=True)
-    for arr, crop in pieces:
-        inter = [slice(max(r.start, c.start), min(r.stop, c.stop)) for r, c in zip(region, crop, strict=True)]
-        if any(s.start >= s.stop for s in inter):
-            continue
-        src = tuple(slice(s.start - c.start, s.stop - c.start) for s, c in zip(inter, crop, strict=True))
-        dst = tuple(slice(s.start - r.start, s.stop - r.start) for s, r in zip(inter, region, strict=True))
-        piece = xp.asarray(arr[src])
-        view = out[dst]
-        view[...] = xp.where(piece == xp.uint64(MEMBER), xp.uint64(0), xp.where(piece > 0, piece, view))
-    return out

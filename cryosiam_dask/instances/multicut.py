@@ -244,7 +244,7 @@ def multicut_chunked(
     ----------
     labels : (Z, Y, X) dask.array.Array of uint32
         Watershed fragments with global ids (0 = background), e.g. from
-        :func:`~cryosiam_dask.instances.merge.segment_instances`; cheap to read (stored or persisted).
+        :func:`~cryosiam_dask.instances.memory_store.segment_instances`; cheap to read (stored or persisted).
     boundary : (Z, Y, X) dask.array.Array of float32
         The raw boundary map (after the lamella mask), not smoothed.
     boundary_bias : float

@@ -8,7 +8,7 @@ import numpy as np
 
 from cryosiam_dask.errors import ParameterError
 from cryosiam_dask.instances.block import segment_block
-from cryosiam_dask.instances.merge import check_parameters
+from cryosiam_dask.instances.params import PostParams
 
 __all__ = ["ORIGINAL_NAMES", "from_original_kwargs", "instance_segmentation"]
 
@@ -26,16 +26,7 @@ def from_original_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def instance_segmentation(
-    foreground: np.ndarray,
-    distance: np.ndarray,
-    boundary: np.ndarray | None = None,
-    *,
-    min_center_distance: float = 0,
-    max_center_distance: float = 5,
-    boundary_bias: float = 0.45,
-    threshold_foreground: float = 0.4,
-    distance_type: int = 0,
-    postprocessing: bool = False,
+    foreground: np.ndarray, distance: np.ndarray, boundary: np.ndarray | None = None, **params: Any
 ) -> np.ndarray:
     """CryoSiam's post-processing of the three network maps into instances, on the whole volume in memory.
 
@@ -47,17 +38,11 @@ def instance_segmentation(
         Raw distance regression.
     boundary : (Z, Y, X) numpy.ndarray of float32 or None
         Boundary probability; only the multicut (``postprocessing=True``) uses it.
-    min_center_distance, max_center_distance : float, defaults 0 and 5
-        Distance levels in voxels for the markers (CryoSiam's ``threshold_min``, ``threshold_max``).
-    boundary_bias : float, default 0.45
-        Multicut bias; unused on the watershed path.
-    threshold_foreground : float, default 0.4
-        T (CryoSiam's ``assignment_threshold``): voxels with (smoothed, if T < 1) fg >= T are flooded.
-    distance_type : int, default 0
-        0: predicted distance; 1: mean of it and the blurred, clipped EDT of fg >= T; 2: that EDT only.
-    postprocessing : bool, default False
-        CryoSiam's multicut after the watershed (:mod:`cryosiam_dask.instances.multicut`; needs the
-        ``multicut`` extra); skipped when ``boundary_bias == 1``, as in the original.
+    **params
+        The fields of :class:`~cryosiam_dask.instances.params.PostParams` (``threshold_foreground``,
+        ``min_center_distance``, ``max_center_distance``, ``distance_type``, ``boundary_bias``,
+        ``postprocessing``), with its defaults (CryoSiam's ``instance_segmentation`` defaults); ``halo`` is
+        not used on the whole volume.
 
     Returns
     -------
@@ -72,27 +57,17 @@ def instance_segmentation(
     >>> int(lab.max())
     1
     """
-    check_parameters(min_center_distance, max_center_distance)
-    if not isinstance(distance_type, (int, np.integer)):
-        raise ParameterError("distance_type", f"must be an integer, got {distance_type!r}")
+    p = PostParams.from_kwargs(**params)
     foreground, distance = np.asarray(foreground), np.asarray(distance)
     if foreground.shape != distance.shape or foreground.ndim != 3:
         raise ParameterError(
             "foreground", f"{foreground.shape} and distance {distance.shape} must be 3-d arrays of one shape"
         )
-    labels = segment_block(
-        foreground,
-        distance,
-        min_center_distance=min_center_distance,
-        max_center_distance=max_center_distance,
-        threshold_foreground=threshold_foreground,
-        distance_type=distance_type,
-    )[0]
-    labels = labels.astype(np.uint32)
-    if postprocessing and boundary_bias != 1:
+    labels = segment_block(foreground, distance, **p.watershed_kwargs())[0].astype(np.uint32)
+    if p.multicut_on:
         from cryosiam_dask.instances.multicut import multicut_postprocess
 
         if boundary is None:
             raise ParameterError("boundary", "is needed by the multicut (postprocessing=True)")
-        labels = multicut_postprocess(labels, np.asarray(boundary), boundary_bias=boundary_bias)
+        labels = multicut_postprocess(labels, np.asarray(boundary), boundary_bias=p.boundary_bias)
     return labels

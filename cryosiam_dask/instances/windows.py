@@ -1,25 +1,33 @@
-"""The windows of a chunked volume: each chunk plus a halo, clipped to the volume, and the halo's rules."""
+"""The windows of a chunked volume (each chunk plus a halo, clipped to the volume), and one window segmented.
+
+Why a window is exact. CryoSiam's post-processing is component-local: nothing crosses the boundary of a
+26-connected component of ``support = (fg >= T) | (distance >= min_center_distance)`` (every marker lies in
+the support, and the watershed floods only fg >= T). Inside a window everything is exact except near a face
+that is not a volume face: the Gaussians (radius 2) and the clipped EDT (5) reach at most ``margin`` = 9
+voxels (3 for distance_type 0, :func:`~cryosiam_dask.instances.params.margin_for`). A support component that
+touches the chunk and stays out of that band is a whole-volume component, so its markers, keys and watershed
+equal the whole-volume ones (relative raster order, and with it skimage's first-in-first-out tie order, is
+unchanged by translation). The keys of the other components are flagged
+(:data:`~cryosiam_dask.instances.keys.FLAG`) and their parts recorded, so they can be segmented whole
+(:mod:`cryosiam_dask.instances.components`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import product
+from typing import Any
 
 import numpy as np
 
 from cryosiam_dask._types import ShapeZYX
+from cryosiam_dask.backend import get_xp, to_numpy
 from cryosiam_dask.errors import ParameterError
+from cryosiam_dask.instances.components import Parts, core_parts
+from cryosiam_dask.instances.keys import FLAG, marker_keys
+from cryosiam_dask.instances.params import PostParams, margin_for
 
-__all__ = ["Window", "as_halo3", "margin_for", "plan_windows"]
-
-
-def margin_for(distance_type: int) -> int:
-    """Width (voxels) of the band at a cut window face where the window's maps may differ from the volume's.
-
-    2 for the Gaussians, + 5 for the clipped EDT + 2 for its blur (types 1 and 2), + 1 so that a trusted
-    component's neighbours are exact too.
-    """
-    return 9 if distance_type in (1, 2) else 3
+__all__ = ["Window", "WindowResult", "as_halo3", "plan_windows", "segment_window"]
 
 
 def as_halo3(halo: int | tuple[int, int, int]) -> ShapeZYX:
@@ -102,3 +110,96 @@ def plan_windows(
     return out
 
 
+@dataclass
+class WindowResult:
+    """One window segmented: the keys of its chunk and what the client needs of it (all small but `keys`).
+
+    Attributes
+    ----------
+    keys : (cz, cy, cx) ndarray of uint64
+        The chunk's keys, 0 = background; flagged (bit 63) on components reaching the window's cut band.
+    unique : (k,) numpy.ndarray of uint64
+        Its distinct non-zero keys.
+    skipped : bool
+        The window had no fg >= T: nothing was segmented.
+    parts : Parts
+        The chunk's support parts (:func:`~cryosiam_dask.instances.components.core_parts`).
+    """
+
+    keys: Any
+    unique: np.ndarray
+    skipped: bool
+    parts: Parts
+
+
+def _cut_band(shape: tuple[int, ...], cut: tuple[tuple[bool, bool], ...], margin: int, xp: Any) -> Any:
+    """True on the `margin` voxels inside each cut face of a window of `shape`."""
+    band = xp.zeros(shape, dtype=bool)
+    for axis, (lo, hi) in enumerate(cut):
+        index = [slice(None)] * 3
+        if lo:
+            index[axis] = slice(0, margin)
+            band[tuple(index)] = True
+        if hi:
+            index[axis] = slice(shape[axis] - margin, None)
+            band[tuple(index)] = True
+    return band
+
+
+def _empty(core_shape: tuple[int, ...], origin: ShapeZYX, params: PostParams, xp: Any) -> WindowResult:
+    parts = Parts.empty(core_shape)
+    if params.min_center_distance <= 0:  # the final distance (0 here) is in the support everywhere
+        support = np.ones(core_shape, bool)
+        parts = core_parts(support, ~support, np.zeros(core_shape, np.uint64), origin)
+    return WindowResult(xp.zeros(core_shape, dtype=xp.uint64), np.zeros(0, np.uint64), True, parts)
+
+
+def segment_window(
+    foreground: Any,
+    distance: Any,
+    *,
+    start: ShapeZYX,
+    core: tuple[slice, slice, slice],
+    cut: tuple[tuple[bool, bool], ...],
+    shape: ShapeZYX,
+    params: PostParams,
+) -> WindowResult:
+    """Segment one window (CryoSiam's in-memory post-processing) and key the voxels of its chunk.
+
+    Parameters
+    ----------
+    foreground, distance : (z, y, x) numpy.ndarray or cupy.ndarray of float32
+        The window's maps (chunk + halo, clipped to the volume).
+    start : (z, y, x)
+        The window's origin in the volume.
+    core : three slices
+        The chunk inside the window.
+    cut : three (low, high) pairs
+        Whether each window face lies inside the volume.
+    shape : (z, y, x)
+        The volume's shape.
+    params : PostParams
+    """
+    from cryosiam_dask.instances.block import label_block, segment_block
+
+    xp = get_xp(foreground)
+    core_shape = tuple(s.stop - s.start for s in core)
+    origin = tuple(o + s.start for o, s in zip(start, core, strict=True))
+    if not bool((foreground >= params.threshold_foreground).any()):  # smoothing never raises the max
+        return _empty(core_shape, origin, params, xp)  # type: ignore[arg-type]
+    labels, markers, level_of, mask, dist = segment_block(foreground, distance, **params.watershed_kwargs())
+    if not bool(mask.any()):
+        return _empty(core_shape, origin, params, xp)  # type: ignore[arg-type]
+    support = mask | (dist >= params.min_center_distance)
+    comp, n_comp = label_block(support)
+    flagged = xp.zeros(n_comp + 1, dtype=bool)
+    flagged[comp[_cut_band(comp.shape, cut, params.margin, xp)]] = True
+    flagged[0] = False
+    key_of = marker_keys(markers, level_of, start, shape)
+    lab = labels[core]
+    flagged_core = flagged[comp[core]]
+    keys = key_of[lab]
+    keys = xp.where(flagged_core & (lab > 0), keys | xp.uint64(FLAG), keys)
+    unique = to_numpy(xp.unique(keys))
+    parts = core_parts(support[core], flagged_core, keys, origin)  # type: ignore[arg-type]
+    return WindowResult(keys, unique[unique > 0], False, parts)

@@ -12,6 +12,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import mrcfile
@@ -85,6 +86,29 @@ def find_mask(mask_folder: Path, stem: str) -> _MaskFile:
     )
 
 
+def mask_reader(mask_folder: str | os.PathLike | None, stem: str, shape: ShapeZYX) -> Any:
+    """An object whose ``[z0:z1, y0:y1, x0:x1]`` reads (or resizes) that region of the mask, or None.
+
+    A task given it reads its own region: the lamella mask of the tomogram's shape from its file, a mask of
+    another shape resized region by region exactly as CryoSiam does (see :func:`read_mask`). Picklable.
+    """
+    if mask_folder is None or str(mask_folder) == "":
+        return None
+    source = find_mask(Path(mask_folder), stem)
+    shape = tuple(int(s) for s in shape)
+    if len(source.shape) != len(shape):
+        raise InputFileError(
+            f"mask {source.path} is {len(source.shape)}D {source.shape} but tomogram is {len(shape)}D {shape}"
+        )
+    if source.shape == shape:
+        return source
+    logger.info("resizing mask %s from %s to %s", source.path, source.shape, shape)
+    reader = resized_mask_reader(source[...], shape)
+    if isinstance(reader, _ResizedMask):
+        reader.path = source.path  # names the dask key (with the file's mtime)
+    return reader
+
+
 def read_mask(
     mask_folder: str | os.PathLike | None, stem: str, shape: ShapeZYX, *, chunks: ShapeZYX = DEFAULT_CHUNKS
 ) -> da.Array | None:
@@ -105,9 +129,8 @@ def read_mask(
     Returns
     -------
     (Z, Y, X) dask.array.Array of int8, or None
-        Mask factors (the pipeline multiplies by them; they are not binarised). A mask of the tomogram's
-        shape is read lazily, chunk by chunk. A mask of another 3D shape is resized block by block with the
-        arithmetic of
+        Mask factors (the pipeline multiplies by them; they are not binarised), read lazily chunk by chunk
+        (:func:`mask_reader`). A mask of another 3D shape is resized block by block with the arithmetic of
         ``skimage.transform.resize(mask, shape, mode='constant', preserve_range=True).astype(np.int8)``
         (linear interpolation, Gaussian anti-aliasing when an axis shrinks, truncation), bit for bit; the
         (small) source mask is held in memory as float64 for that.
@@ -117,21 +140,16 @@ def read_mask(
     InputFileError
         Missing mask file or dataset, or a mask that is not 3D.
     """
-    if mask_folder is None or str(mask_folder) == "":
-        return None
-    source = find_mask(Path(mask_folder), stem)
-    shape = tuple(int(s) for s in shape)
-    if len(source.shape) != len(shape):
-        raise InputFileError(
-            f"mask {source.path} is {len(source.shape)}D {source.shape} but tomogram is {len(shape)}D {shape}"
-        )
+    reader = mask_reader(mask_folder, stem, shape)
+    return None if reader is None else mask_array(reader, stem, chunks=chunks)
+
+
+def mask_array(reader: Any, stem: str, *, chunks: ShapeZYX = DEFAULT_CHUNKS) -> da.Array:
+    """The (Z, Y, X) int8 dask array of a :func:`mask_reader`, chunk by chunk."""
+    shape = tuple(int(s) for s in reader.shape)
     chunks = tuple(min(int(c), s) for c, s in zip(chunks, shape, strict=True))
-    meta = np.empty((0, 0, 0), dtype=np.int8)
-    name = f"read-mask-{_dask_token(source.path, source.shape, chunks)}"
-    if source.shape == shape:
-        return da.from_array(source, chunks=chunks, meta=meta, name=name, asarray=True)
-    logger.info("resizing mask %s from %s to %s", source.path, source.shape, shape)
-    return resize_mask(source[...], shape, chunks=chunks)
+    name = f"read-mask-{_dask_token(getattr(reader, 'path', stem), shape, chunks, type(reader).__name__)}"
+    return da.from_array(reader, chunks=chunks, meta=np.empty((0, 0, 0), np.int8), name=name, asarray=True)
 
 
 def _dask_token(*args: object) -> str:
@@ -166,28 +184,40 @@ def _resize_setup(mask: np.ndarray, shape: ShapeZYX) -> tuple[np.ndarray, np.nda
     return np.ascontiguousarray(filtered), zoom, float(np.min(image)), float(np.max(image))
 
 
-def _resize_block(
-    block: np.ndarray,
-    filtered: np.ndarray,
-    zoom: np.ndarray,
-    lo: float,
-    hi: float,
-    block_info: dict | None = None,
-) -> np.ndarray:
-    """One output block of the resize: scipy's zoom kernel shifted to the block's global offset, clip, int8.
+class _ResizedMask:
+    """A mask resized to `shape` region by region: scipy's zoom kernel shifted to the region's offset."""
 
-    ``zoom_shift`` computes the input coordinate ``((k + shift) + 0.5) * zoom - 0.5`` for output index ``k``;
-    with ``shift`` the block's integer offset this is exactly the whole-array coordinate, so the values are
-    identical.
-    """
-    from scipy.ndimage import _nd_image, _ni_support
+    def __init__(self, filtered: np.ndarray, zoom: np.ndarray, lo: float, hi: float, shape: ShapeZYX) -> None:
+        self.filtered, self.zoom, self.lo, self.hi = filtered, zoom, lo, hi
+        self.shape, self.ndim, self.dtype = tuple(shape), 3, np.dtype(np.int8)
+        self.path: Path | None = None
 
-    offset = np.array([loc[0] for loc in block_info[0]["array-location"]], dtype=np.float64)
-    out = np.empty(block.shape, dtype=np.float64)
-    mode = _ni_support._extend_mode_to_code("grid-constant")
-    _nd_image.zoom_shift(filtered, zoom, offset, out, 1, mode, 0.0, 0, True)
-    np.clip(out, lo, hi, out=out)
-    return out.astype(np.int8)
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        """The region's values, identical to the whole resize.
+
+        ``zoom_shift`` computes the input coordinate ``((k + shift) + 0.5) * zoom - 0.5`` for output
+        index ``k``; with ``shift`` the region's offset this is exactly the whole-array coordinate.
+        """
+        from scipy.ndimage import _nd_image, _ni_support
+
+        bounds = [s.indices(n)[:2] for s, n in zip(index, self.shape, strict=True)]
+        offset = np.array([a for a, _ in bounds], dtype=np.float64)
+        out = np.empty([max(0, b - a) for a, b in bounds], dtype=np.float64)
+        mode = _ni_support._extend_mode_to_code("grid-constant")
+        _nd_image.zoom_shift(self.filtered, self.zoom, offset, out, 1, mode, 0.0, 0, True)
+        np.clip(out, self.lo, self.hi, out=out)
+        return out.astype(np.int8)
+
+
+def resized_mask_reader(mask: np.ndarray, shape: ShapeZYX) -> Any:
+    """CryoSiam's ``resize(mask, shape, mode='constant', preserve_range=True).astype(np.int8)``, readable by
+    region (see :func:`resize_mask`)."""
+    filtered, zoom, lo, hi = _resize_setup(mask, shape)
+    if not lo <= 0.0 <= hi:
+        from skimage.transform import resize
+
+        return resize(mask, shape, mode="constant", preserve_range=True).astype(np.int8)
+    return _ResizedMask(filtered, zoom, lo, hi, tuple(int(s) for s in shape))
 
 
 def resize_mask(mask: np.ndarray, shape: ShapeZYX, *, chunks: ShapeZYX = DEFAULT_CHUNKS) -> da.Array:
@@ -209,29 +239,11 @@ def resize_mask(mask: np.ndarray, shape: ShapeZYX, *, chunks: ShapeZYX = DEFAULT
 
     Notes
     -----
-    Each block calls scipy's zoom kernel over the whole (anti-aliased, float64) source mask with the block's
-    offset as a shift, so blocks equal the whole-array result bit for bit; the source mask (a few MB for a
-    binned lamella mask) is one graph key shared by all blocks. skimage widens its clip range to include 0
-    when 0 lies outside the input's range and the output reaches 0, which depends on the whole output; for
-    such masks (no 0 and no negative values) the resize is computed in memory with skimage itself.
+    Each region calls scipy's zoom kernel over the whole (anti-aliased, float64) source mask with the region's
+    offset as a shift, so regions equal the whole-array result bit for bit. skimage widens its clip range to
+    include 0 when 0 lies outside the input's range and the output reaches 0, which depends on the whole
+    output; for such masks (no 0 and no negative values) the resize is computed in memory with skimage itself.
     """
-    filtered, zoom, lo, hi = _resize_setup(mask, shape)
     chunks = tuple(min(int(c), s) for c, s in zip(chunks, shape, strict=True))
-    if not lo <= 0.0 <= hi:
-        from skimage.transform import resize
-
-        whole = resize(mask, shape, mode="constant", preserve_range=True).astype(np.int8)
-        return da.from_array(whole, chunks=chunks)
-    import dask
-
-    shared = dask.delayed(filtered, pure=True)
-    template = da.zeros(shape, chunks=chunks, dtype=np.int8)
-    return template.map_blocks(
-        _resize_block,
-        filtered=shared,
-        zoom=zoom,
-        lo=lo,
-        hi=hi,
-        dtype=np.int8,
-        meta=np.empty((0, 0, 0), np.int8),
-    )
+    reader = resized_mask_reader(mask, shape)
+    return da.from_array(reader, chunks=chunks, meta=np.empty((0, 0, 0), np.int8), asarray=True)

@@ -49,8 +49,7 @@ def validate(config: InstanceConfig, *, filename: str | None = None) -> tuple[li
     from cryosiam_dask.network.checkpoint import load_checkpoint, patch_size_of
     from cryosiam_dask.network.model import build_model
 
-    network = config.parameters.network
-    if network.postprocessing and network.boundary_bias != 1:
+    if config.post_params.multicut_on:
         from cryosiam_dask.instances.multicut import check_multicut_available
 
         check_multicut_available()  # before any work: a missing extra names itself in one line

@@ -14,7 +14,7 @@ import dask.array as da
 import numpy as np
 
 from cryosiam_dask.errors import InputFileError
-from cryosiam_dask.io.masks import read_mask
+from cryosiam_dask.io.masks import mask_array, mask_reader
 from cryosiam_dask.io.tomograms import Tomogram, open_tomogram
 from cryosiam_dask.run.progress import DEFAULT_LANE, Lane
 from cryosiam_dask.run.settings import InputSettings
@@ -38,6 +38,9 @@ class OpenedInput:
         ``tomogram.data`` is (Z, Y, X), chunked like the run's ``chunk_size``.
     mask : (Z, Y, X) dask.array.Array of int8 or None
         The lamella mask, resized as CryoSiam does.
+    mask_reader : object or None
+        The same mask readable by region (``mask_reader[z0:z1, y0:y1, x0:x1]``), for tasks that read their own
+        region (:func:`~cryosiam_dask.io.masks.mask_reader`).
     value_range : (float, float)
         Minimum and maximum voxel value.
     """
@@ -47,6 +50,7 @@ class OpenedInput:
     tomogram: Tomogram
     mask: da.Array | None
     value_range: tuple[float, float]
+    mask_reader: Any = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -95,13 +99,11 @@ def open_inputs(
             chunk_size=settings.chunk_size,
             file_extension=settings.file_extension,
         )
-        shape = tuple(int(n) for n in tomo.data.shape)
-        opened.append(
-            (path, stem, tomo, read_mask(settings.mask_folder, stem, shape, chunks=settings.chunk_size))
-        )
+        reader = mask_reader(settings.mask_folder, stem, tuple(int(n) for n in tomo.data.shape))
+        opened.append((path, stem, tomo, reader))
     results = []
     checks = lane.compute(*[_value_checks(t.data) for _, _, t, _ in opened])
-    for (path, stem, tomo, mask), (bad, lo, hi) in zip(opened, checks, strict=True):
+    for (path, stem, tomo, reader), (bad, lo, hi) in zip(opened, checks, strict=True):
         if int(bad):
             raise InputFileError(
                 f"{path}: {int(bad)} NaN/inf voxel(s) of {int(np.prod(tomo.data.shape))}; replace them "
@@ -111,5 +113,6 @@ def open_inputs(
         if lo == hi:
             logger.warning("%s: constant tomogram (every voxel %g): no instances can be found", path.name, lo)
         _warn_range(path, lo, hi, settings.data_min, settings.data_max)
-        results.append(OpenedInput(path, stem, tomo, mask, (lo, hi)))
+        mask = None if reader is None else mask_array(reader, stem, chunks=settings.chunk_size)
+        results.append(OpenedInput(path, stem, tomo, mask, (lo, hi), reader))
     return results

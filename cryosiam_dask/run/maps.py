@@ -35,7 +35,7 @@ from cryosiam_dask.run.settings import InputSettings, NetworkSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAP_NAMES", "Maps", "chunk_writes", "maps_fingerprint", "predict_all", "write_region"]
+__all__ = ["MAP_NAMES", "Maps", "chunk_writes", "maps_fingerprint", "predict_one", "write_region"]
 
 MAP_NAMES = ("foreground", "distance", "boundary")
 
@@ -139,6 +139,8 @@ def _block_to_store(
 
     Returns 1 when the lamella mask skipped the block (nothing written: the store's fill value is 0), else 0.
     """
+    if mask is not None:  # the lamella mask of the block, read here (see mask_reader)
+        mask = np.asarray(mask[block.region])
     skipped = mask is not None and not np.any(mask)
     if not skipped:
         # from zarr, each read is a region; otherwise dask computed the tomogram block already
@@ -160,7 +162,8 @@ def _block_tasks(item: OpenedInput, network: NetworkSettings, targets: list[Any]
     source = zarr_source(data)
     delayed_blocks = None if source is not None else data.to_delayed()
     edges = [np.cumsum((0,) + tuple(c)).tolist() for c in data.chunks]
-    masks = None if item.mask is None else item.mask.rechunk(p.grid).to_delayed()
+    # one graph key for the mask reader: each task reads its own block of the mask, no pieces held in memory
+    mask = None if item.mask_reader is None else dask.delayed(item.mask_reader, pure=True)
     task = dask.delayed(_block_to_store, pure=False)
     tasks = []
     for b in p.blocks:
@@ -172,7 +175,7 @@ def _block_tasks(item: OpenedInput, network: NetworkSettings, targets: list[Any]
         else:
             reads = [(delayed_blocks[j], off) for j, off in b.reads]
         name = f"network-{item.stem}-{key}-{'.'.join(map(str, b.index))}"
-        tasks.append(task(source, None if masks is None else masks[b.index], reads=reads, block=b,
+        tasks.append(task(source, mask, reads=reads, block=b,
                           kwargs=p.task_kwargs, targets=targets, markers=markers,
                           lock_prefix=f"cryosiam-dask-maps-{key}", dask_key_name=name))
     return tasks, len(p.blocks)
@@ -234,14 +237,6 @@ def _complete(markers: resume.ChunkMarkers) -> bool:
 def _mark_complete(markers: resume.ChunkMarkers, n_blocks: int) -> None:
     markers.folder.mkdir(parents=True, exist_ok=True)
     (markers.folder / "complete").write_text(str(n_blocks))
-
-
-def predict_all(
-    items: list[OpenedInput], network: NetworkSettings, inputs: InputSettings, prediction_folder: Path,
-    lane: Lane = DEFAULT_LANE,
-) -> list[Maps]:
-    """:func:`predict_one` for each tomogram, in turn."""
-    return [predict_one(item, network, inputs, prediction_folder, lane) for item in items]
 
 
 def chunk_writes(arrays: Any, targets: list[Any], markers: Any, todo: list[tuple[int, ...]],

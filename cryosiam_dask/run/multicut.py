@@ -23,35 +23,34 @@ from cryosiam_dask.run.settings import InstanceSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["multicut_all"]
+__all__ = ["multicut_one"]
 
 
-def multicut_all(
-    stems: list[str],
-    maps: list[Maps],
-    instances: list[Instances],
+def multicut_one(
+    stem: str,
+    maps: Maps,
+    inst: Instances,
     settings: InstanceSettings,
     work_dir: Path,
     lane: Lane = DEFAULT_LANE,
-) -> list[Instances]:
-    """The multicut of every tomogram's watershed labels (unchanged when ``boundary_bias == 1``)."""
-    if not settings.postprocessing or settings.boundary_bias == 1:
-        return instances
-    writes, out = [], []
-    for stem, m, inst in zip(stems, maps, instances, strict=True):
-        labels, n = multicut_chunked(inst.labels, m.boundary, boundary_bias=settings.boundary_bias,
-                                     compute=lane.compute)
-        key = resume.fingerprint_key(inst.report.get("store", ""), settings.boundary_bias, n)
-        store = work_dir / stem / f"multicut-{key}.zarr"
-        markers = resume.ChunkMarkers(store.with_name(store.name + ".done") / "multicut", "multicut")
-        chunks = tuple(int(c[0]) for c in labels.chunks)
-        target = resume.open_chunked(store, "instances", shape=labels.shape, chunks=chunks, dtype=np.uint32,
-                                     markers=markers)
-        todo = [i for i in np.ndindex(*labels.numblocks) if not markers.done(i)]
-        writes += chunk_writes([labels], [target], markers, todo, name=f"multicut-{stem}-{key}")
-        n_before = inst.report.get("n_instances", 0)
-        logger.info("%s: multicut joined %d watershed instances into %d", stem, n_before, n)
-        report = {**inst.report, "n_watershed_instances": n_before, "n_instances": n}
-        out.append(Instances(da.from_zarr(target, chunks=labels.chunks), report))
-    lane.compute(*writes)
-    return out
+) -> Instances:
+    """The multicut of one tomogram's watershed labels (unchanged when it is off)."""
+    post = settings.post
+    if not post.multicut_on:
+        return inst
+    labels, n = multicut_chunked(
+        inst.labels, maps.boundary, boundary_bias=post.boundary_bias, compute=lane.compute
+    )
+    key = resume.fingerprint_key(inst.store, post.boundary_bias, n)
+    store = work_dir / stem / f"multicut-{key}.zarr"
+    markers = resume.ChunkMarkers(store.with_name(store.name + ".done") / "multicut", "multicut")
+    chunks = tuple(int(c[0]) for c in labels.chunks)
+    target = resume.open_chunked(
+        store, "instances", shape=labels.shape, chunks=chunks, dtype=np.uint32, markers=markers
+    )
+    todo = [i for i in np.ndindex(*labels.numblocks) if not markers.done(i)]
+    lane.compute(*chunk_writes([labels], [target], markers, todo, name=f"multicut-{stem}-{key}"))
+    n_before = inst.report.get("n_instances", 0)
+    logger.info("%s: multicut joined %d watershed instances into %d", stem, n_before, n)
+    report = {**inst.report, "n_watershed_instances": n_before, "n_instances": n}
+    return Instances(da.from_zarr(target, chunks=labels.chunks), report, store.name)

@@ -1,19 +1,16 @@
-"""Stage 3, instances: the seeded watershed per chunk window, global ids, labels into zarr; resumable.
+"""Stage 3, instances: the chunked segmentation of :mod:`cryosiam_dask.instances.chunked` on a zarr store.
 
-Each window task writes its core's marker keys into ``instances-<key>.zarr/keys`` (whole zarr chunks) and then
-a done record with its small statistics and its support parts (:mod:`cryosiam_dask.instances.components`:
-boxes, seeds, face planes), so only those travel back to the client and a rerun segments only unfinished
-windows. The client links the parts into the support's global components; each component larger than the
-halo allows (and within the memory limit of one task) is segmented whole by one task, which writes its crop's
-keys to its own array ``large-<n>`` and then its record. The id table (sorted keys) is built from the
-records; the labels are a lazy lookup of the stored keys (the large components' laid over the windows'),
-written chunk by chunk to ``instances``.
+:class:`ZarrKeyStore` keeps the keys in ``<work_dir>/<stem>/instances-<key>.zarr``: each window task reads its
+window from the maps store, writes its chunk's keys (whole zarr chunks) and then a done record with its small
+statistics and support parts, so only those travel back to the client and a rerun segments only unfinished
+windows; each large component's task writes its crop's keys to its own array ``large-<n>`` and then its
+record. The labels (a lazy lookup of the stored keys) are then written chunk by chunk to ``instances``,
+resumable too.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,24 +20,12 @@ import dask.array as da
 import numpy as np
 
 from cryosiam_dask.backend import to_device, to_numpy
-from cryosiam_dask.errors import InputFileError
-from cryosiam_dask.instances.components import (
-    DEFAULT_LIMIT_BYTES,
-    LargeComponent,
-    Parts,
-    combine_keys,
-    component_keys,
-)
-from cryosiam_dask.instances.merge import (
-    InstanceReport,
-    check_parameters,
-    keys_to_ids,
-    make_report,
-    plan_components,
-    table_of,
-    window_parts,
-)
-from cryosiam_dask.instances.windows import Window, margin_for, plan_windows
+from cryosiam_dask.instances.chunked import Compute, WindowRecord, segment_chunked
+from cryosiam_dask.instances.components import DEFAULT_LIMIT_BYTES, LargeComponent, Parts, component_keys
+from cryosiam_dask.instances.keys import combine_keys
+from cryosiam_dask.instances.params import PostParams
+from cryosiam_dask.instances.windows import Window, segment_window
+from cryosiam_dask.io.semantic import semantic_foreground
 from cryosiam_dask.io.sources import read_region, zarr_source
 from cryosiam_dask.run import resume
 from cryosiam_dask.run.maps import Maps, chunk_writes
@@ -49,7 +34,10 @@ from cryosiam_dask.run.settings import InstanceSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Instances", "segment_all", "semantic_foreground"]
+__all__ = ["Instances", "ZarrKeyStore", "segment_one", "task_memory_limit"]
+
+RECORD_FORMAT = "keys-2"
+"""Version of the done records (part of the store's key: a changed format never reuses old records)."""
 
 
 @dataclass
@@ -58,146 +46,174 @@ class Instances:
 
     labels: da.Array
     report: dict[str, Any] = field(default_factory=dict)
+    store: str = ""
+    """The name of the keys store the labels came from (the multicut's store key depends on it)."""
 
 
-def _read_semantic(path: str, labels: tuple[int, ...], block_info: Any = None) -> np.ndarray:
-    import h5py
-
-    loc = block_info[None]["array-location"]
-    with h5py.File(path, "r") as f:
-        block = f["labels"][tuple(slice(a, b) for a, b in loc)]
-    return np.isin(block, labels).astype(np.float32)
-
-
-def semantic_foreground(path: Path, labels: tuple[int, ...], like: da.Array) -> da.Array:
-    """fg = ``isin(semantic labels, labels)`` as float32, read chunk by chunk from ``path['labels']``.
-
-    Raises
-    ------
-    InputFileError
-        The file is missing or its labels are not of `like`'s shape.
-    """
-    import h5py
-
-    if not path.exists():
-        raise InputFileError(f"semantic prediction {path} does not exist")
-    with h5py.File(path, "r") as f:
-        shape = tuple(f["labels"].shape)
-    if shape != tuple(like.shape):
-        raise InputFileError(
-            f"semantic prediction {path.name} is {shape} but tomogram is {tuple(like.shape)}"
-        )
-    return da.map_blocks(
-        _read_semantic,
-        str(path),
-        tuple(labels),
-        chunks=like.chunks,
-        dtype=np.float32,
-        meta=np.empty((0, 0, 0), np.float32),
-    )
-
-
-def _sources(fg: da.Array, dist: da.Array) -> tuple[Any, Any] | None:
-    sources = zarr_source(fg), zarr_source(dist)
-    return None if sources[0] is None or sources[1] is None else sources
-
-
-def _keys_to_store(
+def _window_to_store(
     fg: Any,
     dist: Any,
     *,
-    store: Any,
-    region: tuple[slice, ...],
+    keys: Any,
     records: Any,
-    index: tuple[int, ...],
-    window: tuple[slice, ...],
+    window: Window,
+    shape: Any,
+    params: PostParams,
     device: str = "cpu",
-    **kwargs: Any,
 ) -> int:
-    """:func:`window_parts` of one window, its core's keys written to ``store[region]``, then its record.
-
-    `fg` and `dist` are the window's maps, or the zarr arrays of the maps (the window is read here).
-    With ``device="cuda"`` the window is copied to the worker's GPU once and every step runs there
-    (the watershed itself on the host, see :mod:`cryosiam_dask.instances.watershed`); only the keys and the
-    small statistics come back.
-    """
-    fg, dist = to_device(read_region(fg, window), device), to_device(read_region(dist, window), device)
-    keys, unique, n_oversized, skipped, parts = window_parts(fg, dist, **kwargs)
-    store[region] = to_numpy(keys)
-    records.save(index, unique=unique, oversized=n_oversized, skipped=skipped, **parts.to_arrays())
+    """One window segmented (on `device`), its chunk's keys written to ``keys[region]``, then its record."""
+    w = window
+    fg, dist = to_device(read_region(fg, w.window), device), to_device(read_region(dist, w.window), device)
+    out = segment_window(fg, dist, start=w.start, core=w.core, cut=w.cut, shape=shape, params=params)
+    keys[w.region] = to_numpy(out.keys)
+    records.save(w.index, unique=out.unique, skipped=out.skipped, **out.parts.to_arrays())
     return 1
 
 
 def _large_to_store(
-    fg: Any, dist: Any, *, target: Any, records: Any, n: int, device: str = "cpu", **kwargs: Any
+    fg: Any,
+    dist: Any,
+    *,
+    target: Any,
+    records: Any,
+    n: int,
+    component: LargeComponent,
+    shape: Any,
+    params: PostParams,
+    device: str = "cpu",
 ) -> int:
-    """:func:`component_keys` of one large component written to `target` (its own array), then its record.
-
-    `fg` and `dist` are the maps on the crop, or the zarr arrays of the maps (the crop is read here).
-    """
-    crop = kwargs["crop"]
+    """One large component segmented whole, its crop's keys written to `target`, then its record."""
+    crop = component.crop
     fg, dist = to_device(read_region(fg, crop), device), to_device(read_region(dist, crop), device)
-    keys, unique = component_keys(fg, dist, **kwargs)
+    keys, unique = component_keys(fg, dist, crop=crop, seed=component.seed, shape=shape, params=params)
     target[...] = to_numpy(keys)
-    crop = np.array([[s.start, s.stop] for s in kwargs["crop"]])
-    records.save((n,), unique=unique, seed=np.asarray(kwargs["seed"]), crop=crop)
+    records.save((n,), unique=unique, seed=np.asarray(component.seed), crop=_crop_array(crop))
     return 1
+
+
+def _crop_array(crop: tuple[slice, ...]) -> np.ndarray:
+    return np.array([[s.start, s.stop] for s in crop])
+
+
+def _combine_block(keys: Any, pieces: list[Any], block_info: Any = None) -> Any:
+    region = tuple(slice(a, b) for a, b in block_info[0]["array-location"])
+    return combine_keys(keys, region, pieces)
+
+
+class ZarrKeyStore:
+    """Keys in a zarr store with a done record per window and per large component (resumable).
+
+    Parameters
+    ----------
+    foreground, distance : (Z, Y, X) dask.array.Array of float32
+        The maps; read by each task itself when they are stored zarr arrays.
+    store : Path
+        ``instances-<key>.zarr``; the records go to ``<store>.done``.
+    name : str
+        Task name prefix (the tomogram's stem).
+    device : {"cpu", "cuda"}
+        Where each window is segmented.
+    """
+
+    def __init__(self, foreground: da.Array, distance: da.Array, store: Path, name: str, device: str) -> None:
+        self.fg, self.dist, self.store, self.name, self.device = foreground, distance, store, name, device
+        sources = zarr_source(foreground), zarr_source(distance)
+        self.sources = None if None in sources else sources
+        self.done = store.with_name(store.name + ".done")
+        self.records = resume.ChunkMarkers(self.done / "windows", "windows")
+        self.shape = tuple(int(s) for s in foreground.shape)
+        self.chunks = tuple(int(c[0]) for c in foreground.chunks)
+        self.key_array = resume.open_chunked(
+            store, "keys", shape=self.shape, chunks=self.chunks, dtype=np.uint64, markers=self.records
+        )
+        self.pieces: list[tuple[Any, tuple[slice, ...]]] = []
+
+    def _maps(self, region: tuple[slice, ...]) -> tuple[Any, Any]:
+        return self.sources or (self.fg[region], self.dist[region])
+
+    def window_pass(
+        self, windows: list[Window], params: PostParams, compute: Compute
+    ) -> tuple[list[WindowRecord], int]:
+        task = dask.delayed(_window_to_store, pure=False)
+        todo = [w for w in windows if not self.records.done(w.index)]
+        if len(todo) < len(windows):
+            logger.info(
+                "instances: %d of %d windows reused from an earlier run",
+                len(windows) - len(todo),
+                len(windows),
+            )
+        compute(
+            *[
+                task(
+                    *self._maps(w.window),
+                    keys=self.key_array,
+                    records=self.records,
+                    window=w,
+                    shape=self.shape,
+                    params=params,
+                    device=self.device,
+                    dask_key_name=f"windows-{self.name}-{self.store.stem}-{'.'.join(map(str, w.index))}",
+                )
+                for w in todo
+            ]
+        )
+        out = []
+        for w in windows:
+            r = self.records.load(w.index)
+            out.append(WindowRecord(r["unique"], bool(r["skipped"]), Parts.from_arrays(r)))  # type: ignore[index]
+        return out, len(todo)
+
+    def large_pass(
+        self, large: list[LargeComponent], params: PostParams, compute: Compute
+    ) -> tuple[list[np.ndarray], int]:
+        task = dask.delayed(_large_to_store, pure=False)
+        tasks, records = [], []
+        self.pieces = []
+        for n, lc in enumerate(large):
+            rec = resume.ChunkMarkers(self.done / "large" / str(n), "large")
+            crop_shape = tuple(s.stop - s.start for s in lc.crop)
+            target = resume.open_chunked(
+                self.store,
+                f"large-{n}",
+                shape=crop_shape,
+                dtype=np.uint64,
+                markers=rec,
+                chunks=tuple(min(c, s) for c, s in zip(self.chunks, crop_shape, strict=True)),
+            )
+            self.pieces.append((target, lc.crop))
+            records.append(rec)
+            if not _record_matches(rec.load((n,)), lc):
+                tasks.append(
+                    task(
+                        *self._maps(lc.crop),
+                        target=target,
+                        records=rec,
+                        n=n,
+                        component=lc,
+                        shape=self.shape,
+                        params=params,
+                        device=self.device,
+                        dask_key_name=f"large-{self.name}-{self.store.stem}-{n}",
+                    )
+                )
+        compute(*tasks)
+        return [rec.load((n,))["unique"] for n, rec in enumerate(records)], len(tasks)  # type: ignore[index]
+
+    def keys(self, windows: list[Window], large: list[LargeComponent]) -> da.Array:
+        keys = da.from_zarr(self.key_array, chunks=self.fg.chunks)
+        if not self.pieces:
+            return keys
+        return keys.map_blocks(
+            _combine_block, self.pieces, dtype=np.uint64, meta=np.empty((0, 0, 0), np.uint64)
+        )
 
 
 def _record_matches(record: dict[str, np.ndarray] | None, lc: LargeComponent) -> bool:
     if record is None:
         return False
-    crop = np.array([[s.start, s.stop] for s in lc.crop])
-    return bool(np.array_equal(record["seed"], lc.seed) and np.array_equal(record["crop"], crop))
-
-
-def _labels_block(keys: Any, table: np.ndarray, pieces: list[Any], block_info: Any = None) -> Any:
-    """One chunk's ids: the large components' keys laid over the windows' keys, looked up in the table."""
-    region = tuple(slice(a, b) for a, b in block_info[0]["array-location"])
-    return keys_to_ids(combine_keys(keys, region, pieces), table)
-
-
-def _segment_large(
-    large: list[LargeComponent],
-    fg: da.Array,
-    dist: da.Array,
-    store: Path,
-    done: Path,
-    chunks: tuple[int, ...],
-    params: dict[str, Any],
-    device: str = "cpu",
-    lane: Lane = DEFAULT_LANE,
-) -> tuple[list[tuple[Any, tuple[slice, ...]]], list[np.ndarray], int]:
-    """Segment the fitting large components (one task each, resumable); their (array, crop) and keys."""
-    shape = tuple(int(s) for s in fg.shape)
-    sources = _sources(fg, dist)
-    pieces, uniques, tasks, todo = [], [], [], []
-    task = dask.delayed(_large_to_store, pure=True)
-    for n, lc in enumerate(c for c in large if c.fits):
-        crop_shape = tuple(s.stop - s.start for s in lc.crop)
-        records = resume.ChunkMarkers(done / "large" / str(n), "large")
-        target = resume.open_chunked(
-            store,
-            f"large-{n}",
-            shape=crop_shape,
-            chunks=tuple(min(c, s) for c, s in zip(chunks, crop_shape, strict=True)),
-            dtype=np.uint64,
-            markers=records,
-        )
-        pieces.append((target, lc.crop))
-        record = records.load((n,))
-        if _record_matches(record, lc):
-            uniques.append(record["unique"])  # type: ignore[index]
-            continue
-        todo.append((n, records))
-        uniques.append(None)
-        kw = dict(crop=lc.crop, seed=lc.seed, shape=shape, params=params, device=device)
-        maps = sources or (fg[lc.crop], dist[lc.crop])
-        tasks.append(task(*maps, target=target, records=records, n=n, **kw))
-    lane.compute(*tasks)
-    for n, records in todo:
-        uniques[n] = records.load((n,))["unique"]  # type: ignore[index]
-    return pieces, uniques, len(todo)  # type: ignore[return-value]
+    return bool(
+        np.array_equal(record["seed"], lc.seed) and np.array_equal(record["crop"], _crop_array(lc.crop))
+    )
 
 
 def task_memory_limit() -> int:
@@ -237,108 +253,42 @@ def _check_table(done: Path, table: np.ndarray, label_markers: Any) -> None:
 
 
 def _instances_key(maps_key: str, settings: InstanceSettings, semantic: Any) -> str:
+    p = settings.post
     return resume.fingerprint_key(
         maps_key,
-        [
-            settings.threshold_foreground,
-            settings.min_center_distance,
-            settings.max_center_distance,
-            settings.distance_type,
-        ],
-        settings.halo,
+        [p.threshold_foreground, p.min_center_distance, p.max_center_distance, p.distance_type],
+        p.halo,
         semantic,
-        "components-1",  # records carry the support parts
+        RECORD_FORMAT,
     )
 
 
-def _segment_one(
+def segment_one(
     stem: str, maps: Maps, settings: InstanceSettings, work_dir: Path, lane: Lane = DEFAULT_LANE
-) -> tuple[Any, ...]:
-    """Window keys of one tomogram into its store; returns (labels, report, target array, markers)."""
+) -> Instances:
+    """The instances of one tomogram: keys into its store, then its labels written chunk by chunk."""
     fg, dist = maps.foreground, maps.distance
     semantic = None
     if settings.semantic_predictions is not None:
         path = settings.semantic_predictions / f"{stem}_preds.h5"
         fg = semantic_foreground(path, settings.semantic_foreground_labels or (), fg)
         semantic = [resume.file_stamp(path), list(settings.semantic_foreground_labels or ())]
-    check_parameters(settings.min_center_distance, settings.max_center_distance)
-    windows: list[Window] = plan_windows(fg.chunks, settings.halo, settings.distance_type)
-    chunks = tuple(int(c[0]) for c in fg.chunks)
     store = work_dir / stem / f"instances-{_instances_key(maps.key, settings, semantic)}.zarr"
-    done = store.with_name(store.name + ".done")
-    records = resume.ChunkMarkers(done / "windows", "windows")
-    keys = resume.open_chunked(store, "keys", shape=fg.shape, chunks=chunks, dtype=np.uint64, markers=records)
-    shape = tuple(int(s) for s in fg.shape)
-    params = settings.watershed_kwargs()
-    stats_of: dict[tuple[int, ...], tuple[np.ndarray, bool, Parts]] = {}
-    tasks, todo = [], []
-    task = dask.delayed(_keys_to_store, pure=True)
-    sources = _sources(fg, dist)  # zarr-backed maps: each window task reads its own window
-    for w in windows:
-        record = records.load(w.index)
-        if record is not None:
-            stats_of[w.index] = (record["unique"], bool(record["skipped"]), Parts.from_arrays(record))
-            continue
-        todo.append(w.index)
-        tasks.append(
-            task(
-                *(sources or (fg[w.window], dist[w.window])),
-                store=keys,
-                region=w.region,
-                window=w.window,
-                records=records,
-                index=w.index,
-                start=w.start,
-                core=w.core,
-                cut=w.cut,
-                shape=shape,
-                margin=margin_for(settings.distance_type),
-                params=params,
-                device=settings.device,
-                dask_key_name=f"windows-{stem}-{store.stem}-{'.'.join(map(str, w.index))}",
-            )
-        )
-    if stats_of:
-        logger.info("instances: %d of %d windows reused from an earlier run", len(stats_of), len(windows))
-    lane.compute(*tasks)
-    for index in todo:
-        record = records.load(index)
-        stats_of[index] = (record["unique"], bool(record["skipped"]), Parts.from_arrays(record))  # type: ignore[index]
-    stats = [stats_of[w.index] for w in windows]
-    limit = task_memory_limit()
-    large, over = plan_components([s[2] for s in stats], windows, fg.chunks, settings.distance_type, limit)
-    pieces, luniques, n_large = _segment_large(
-        large, fg, dist, store, done, chunks, params, settings.device, lane
+    keys = ZarrKeyStore(fg, dist, store, stem, settings.device)
+    result = segment_chunked(
+        fg.chunks, settings.post, keys, limit_bytes=task_memory_limit(), compute=lane.compute
     )
-    table = table_of([s[0] for s in stats], large, luniques)
-    report: InstanceReport = make_report([s[1] for s in stats], over, large, table, limit)
-    label_markers = resume.ChunkMarkers(done / "instances", "instances")
-    _check_table(done, table, label_markers)
-    labels = da.from_zarr(keys, chunks=fg.chunks).map_blocks(
-        _labels_block, table, pieces, dtype=np.uint32, meta=np.empty((0, 0, 0), np.uint32)
-    )
+    label_markers = resume.ChunkMarkers(keys.done / "instances", "instances")
+    _check_table(keys.done, result.table, label_markers)
     target = resume.open_chunked(
-        store, "instances", shape=fg.shape, chunks=chunks, dtype=np.uint32, markers=label_markers
+        store, "instances", shape=keys.shape, chunks=keys.chunks, dtype=np.uint32, markers=label_markers
     )
-    extra = {"windows_computed": len(todo), "large_computed": n_large, "store": store.name, **asdict(report)}
-    return labels, extra, target, label_markers
-
-
-def segment_all(
-    stems: list[str], maps: list[Maps], settings: InstanceSettings, work_dir: Path, lane: Lane = DEFAULT_LANE
-) -> list[Instances]:
-    """Instances of every tomogram; the windows of all tomograms share the cluster."""
-    with ThreadPoolExecutor(max_workers=max(1, len(stems))) as pool:  # one submitting thread per tomogram
-        pairs = zip(stems, maps, strict=True)
-        done = list(pool.map(lambda a: _segment_one(a[0], a[1], settings, work_dir, lane), pairs))
-    writes, out = [], []
-    for stem, (labels, report, target, markers) in zip(stems, done, strict=True):
-        todo = [i for i in np.ndindex(*labels.numblocks) if not markers.done(i)]
-        report["label_chunks_computed"] = len(todo)
-        n_all = int(np.prod(labels.numblocks))
-        if len(todo) < n_all:
-            logger.info("%s: labels: %d of %d chunks done in an earlier run", stem, n_all - len(todo), n_all)
-        writes += chunk_writes([labels], [target], markers, todo, name=f"labels-{stem}-{target.path}")
-        out.append(Instances(da.from_zarr(target, chunks=labels.chunks), report))
-    lane.compute(*writes)
-    return out
+    todo = [i for i in np.ndindex(*result.labels.numblocks) if not label_markers.done(i)]
+    n_all = int(np.prod(result.labels.numblocks))
+    if len(todo) < n_all:
+        logger.info("%s: labels: %d of %d chunks done in an earlier run", stem, n_all - len(todo), n_all)
+    lane.compute(
+        *chunk_writes([result.labels], [target], label_markers, todo, name=f"labels-{stem}-{store.name}")
+    )
+    report = {**asdict(result.report), "label_chunks_computed": len(todo)}
+    return Instances(da.from_zarr(target, chunks=result.labels.chunks), report, store.name)

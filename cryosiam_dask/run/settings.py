@@ -7,13 +7,14 @@ its parameter; :func:`user_error` turns it into the config key a user writes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryosiam_dask._types import ShapeZYX
 from cryosiam_dask.config import InstanceConfig
 from cryosiam_dask.errors import ConfigError, ParameterError
+from cryosiam_dask.instances.params import PostParams
 
 __all__ = [
     "CONFIG_KEYS",
@@ -97,24 +98,13 @@ class NetworkSettings:
 
 @dataclass(frozen=True)
 class InstanceSettings:
-    """The instance stage: CryoSiam's post-processing keys, the halo, and the semantic foreground override."""
+    """The instance stage: CryoSiam's post-processing (and the halo), and the semantic foreground override."""
 
-    threshold_foreground: float
-    min_center_distance: float
-    max_center_distance: float
-    distance_type: int
-    boundary_bias: float
-    postprocessing: bool
-    halo: int
+    post: PostParams
     semantic_predictions: Path | None = None
     semantic_foreground_labels: tuple[int, ...] | None = None
     device: str = "cpu"
     """'cuda': each window goes to the worker's GPU once and is post-processed there (cupy/cuCIM)."""
-
-    def watershed_kwargs(self) -> dict[str, Any]:
-        """The parameters of the seeded watershed (:func:`cryosiam_dask.instances.block.segment_block`)."""
-        keys = ("threshold_foreground", "min_center_distance", "max_center_distance", "distance_type")
-        return {k: v for k, v in asdict(self).items() if k in keys}
 
 
 @dataclass(frozen=True)
@@ -134,7 +124,6 @@ class RunSettings:
     network: NetworkSettings
     instances: InstanceSettings
     outputs: OutputSettings
-    source: str = "config"
 
     @classmethod
     def from_config(
@@ -142,7 +131,7 @@ class RunSettings:
     ) -> RunSettings:
         """Build the settings of every stage from a validated config (`device` resolved, the checkpoint's
         `patch_size` read by validation)."""
-        s, d, n = config.cryosiam_dask, config.parameters.data, config.parameters.network
+        s, d = config.cryosiam_dask, config.parameters.data
         labels = config.semantic_foreground_labels
         return cls(
             inputs=InputSettings(
@@ -166,13 +155,7 @@ class RunSettings:
                 patch_size=patch_size,
             ),
             instances=InstanceSettings(
-                threshold_foreground=n.threshold_foreground,
-                min_center_distance=n.min_center_distance,
-                max_center_distance=n.max_center_distance,
-                distance_type=n.distance_type,
-                boundary_bias=n.boundary_bias,
-                postprocessing=n.postprocessing,
-                halo=s.halo,
+                post=config.post_params,
                 semantic_predictions=config.semantic_predictions,
                 semantic_foreground_labels=tuple(labels) if labels else None,
                 device=device,
@@ -182,5 +165,4 @@ class RunSettings:
                 formats=frozenset(s.output_formats),
                 save_raw_predictions=config.save_raw_predictions,
             ),
-            source=str(config.source or "config"),
         )

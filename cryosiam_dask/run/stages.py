@@ -27,9 +27,9 @@ from cryosiam_dask.errors import ClusterError
 from cryosiam_dask.run.failures import is_run_failure, stage_error
 from cryosiam_dask.run.inputs import open_inputs
 from cryosiam_dask.run.maps import maps_fingerprint, predict_one
-from cryosiam_dask.run.multicut import multicut_all
+from cryosiam_dask.run.multicut import multicut_one
 from cryosiam_dask.run.progress import Abort, Lane, Resources
-from cryosiam_dask.run.segment import segment_all
+from cryosiam_dask.run.segment import segment_one
 from cryosiam_dask.run.settings import RunSettings
 from cryosiam_dask.run.write import write_outputs
 
@@ -105,11 +105,9 @@ def run_tomogram(settings: RunSettings, path: Path, stem: str, lane: Lane, stage
     maps = stage.run(
         "maps", lambda: predict_one(item, s.network, s.inputs, s.outputs.prediction_folder, lane)
     )
-    [inst] = stage.run("instances", lambda: segment_all([stem], [maps], s.instances, work_dir, lane))
-    if s.instances.postprocessing and s.instances.boundary_bias != 1:
-        [inst] = stage.run(
-            "multicut", lambda: multicut_all([stem], [maps], [inst], s.instances, work_dir, lane)
-        )
+    inst = stage.run("instances", lambda: segment_one(stem, maps, s.instances, work_dir, lane))
+    if s.instances.post.multicut_on:
+        inst = stage.run("multicut", lambda: multicut_one(stem, maps, inst, s.instances, work_dir, lane))
     fp = maps_fingerprint(item, s.network, s.inputs)
     count, paths = stage.run("outputs", lambda: write_outputs(item, maps, inst, s.outputs, fp))
     report = {"value_range": item.value_range, **maps.report, **inst.report, "stage_seconds": stage.timings}

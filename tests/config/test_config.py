@@ -212,10 +212,10 @@ def test_semantic_labels_required_with_semantic_predictions(tmp_path, project):
 
 
 def test_dask_section_and_empty_section(tmp_path, project):
-    project["cryosiam_dask"] = {"chunk_size": [64, 96, 32], "halo": 8, "tiling": "exact", "amp": "bf16",
+    project["cryosiam_dask"] = {"chunk_size": [64, 96, 32], "halo": 12, "tiling": "exact", "amp": "bf16",
                                 "output_formats": ["mrc", "star"], "work_dir": "scratch"}
     s = load(tmp_path, project).cryosiam_dask
-    assert s.chunk_size == (64, 96, 32) and s.halo == 8 and s.tiling == "exact" and s.amp == "bf16"
+    assert s.chunk_size == (64, 96, 32) and s.halo == 12 and s.tiling == "exact" and s.amp == "bf16"
     assert s.output_formats == ["mrc", "star"] and s.work_dir == Path.cwd() / "scratch"
     project["cryosiam_dask"] = None  # the header left in, every key commented out
     assert load(tmp_path, project).cryosiam_dask == DaskSettings()
@@ -228,8 +228,19 @@ def test_dask_defaults():
     assert s.scheduler_address is None and s.amp is None and s.memory_limit == "auto"
 
 
+def test_halo_below_the_reach_is_refused_when_loaded(tmp_path, project):
+    """halo 8 with distance_type 1 (reach 9): one line naming the key, before any stage (issue 21)."""
+    project["parameters"]["network"]["distance_type"] = 1
+    project["cryosiam_dask"] = {"halo": 8}
+    with pytest.raises(ConfigError, match=r"cryosiam_dask\.halo is 8 but must exceed 9 \(the reach") as e:
+        load(tmp_path, project)
+    assert "\n" not in str(e.value)
+    project["parameters"]["network"]["distance_type"] = 0  # reach 3: a halo of 8 is enough
+    assert load(tmp_path, project).post_params.halo == 8
+
+
 def test_overrides_apply_over_file_section(tmp_path, project):
-    project["cryosiam_dask"] = {"halo": 8, "tiling": "exact"}
+    project["cryosiam_dask"] = {"halo": 12, "tiling": "exact"}
     cfg = load(tmp_path, project, {"halo": 16, "chunk_size": (32, 32, 32), "device": None})
     s = cfg.cryosiam_dask
     assert (s.halo, s.tiling, s.chunk_size, s.device) == (16, "exact", (32, 32, 32), "auto")

@@ -22,9 +22,10 @@ from cryosiam_dask.instances.block import (
     segment_block,
     smooth_block,
 )
-from cryosiam_dask.instances.merge import segment_instances, window_keys
+from cryosiam_dask.instances.memory_store import segment_instances
+from cryosiam_dask.instances.params import PostParams
 from cryosiam_dask.instances.watershed import flood_watershed, seeded_watershed
-from cryosiam_dask.instances.windows import margin_for
+from cryosiam_dask.instances.windows import segment_window
 from cryosiam_dask.testing.strategies import assert_same_partition, ball_maps
 
 pytestmark = pytest.mark.gpu
@@ -154,29 +155,30 @@ def _window_args(shape: tuple[int, int, int]) -> dict:
     z, y, x = shape
     core = (slice(4, z - 4), slice(5, y - 5), slice(3, x - 3))
     return dict(start=(10, 0, 7), core=core, cut=((True, False), (False, False), (False, True)),
-                shape=(z + 30, y + 10, x + 20), margin=margin_for(PARAMS["distance_type"]), params=PARAMS)
+                shape=(z + 30, y + 10, x + 20), params=PostParams(**PARAMS))
 
 
 @pytest.mark.parametrize(("seed", "apart", "noise"), [(0, True, False), (1, True, False), (2, False, True),
                                                       (3, False, True), (4, False, True)])
-def test_window_keys_identical(cp, seed, apart, noise):
+def test_segment_window_identical(cp, seed, apart, noise):
     """Apart balls (plateaus allowed: no contested voxel) and touching balls on tie-free maps."""
     shape = (26, 32, 30)
     fg, dist = _maps(seed, shape=shape, n=10, apart=apart, noise=noise)
     kw = _window_args(shape)
-    keys, unique, n_over, skipped = window_keys(cp.asarray(fg), cp.asarray(dist), **kw)
-    e_keys, e_unique, e_over, e_skipped = window_keys(fg, dist, **kw)
-    assert isinstance(keys, cp.ndarray) and keys.dtype == np.uint64
-    np.testing.assert_array_equal(keys.get(), e_keys)
-    np.testing.assert_array_equal(unique, e_unique)
-    assert (n_over, skipped) == (e_over, e_skipped)
-    assert_same_partition(keys.get(), e_keys)
+    out = segment_window(cp.asarray(fg), cp.asarray(dist), **kw)
+    expected = segment_window(fg, dist, **kw)
+    assert isinstance(out.keys, cp.ndarray) and out.keys.dtype == np.uint64
+    np.testing.assert_array_equal(out.keys.get(), expected.keys)
+    np.testing.assert_array_equal(out.unique, expected.unique)
+    assert out.skipped == expected.skipped
+    np.testing.assert_array_equal(out.parts.flagged, expected.parts.flagged)
+    assert_same_partition(out.keys.get(), expected.keys)
 
 
-def test_window_keys_empty_window(cp):
+def test_segment_window_empty_window(cp):
     fg = np.zeros((12, 12, 12), np.float32)
-    keys, unique, n_over, skipped = window_keys(cp.asarray(fg), cp.asarray(fg), **_window_args((12, 12, 12)))
-    assert skipped and unique.size == 0 and n_over == 0 and isinstance(keys, cp.ndarray)
+    out = segment_window(cp.asarray(fg), cp.asarray(fg), **_window_args((12, 12, 12)))
+    assert out.skipped and out.unique.size == 0 and isinstance(out.keys, cp.ndarray)
 
 
 @pytest.mark.parametrize("chunks", [(12, 16, 14), (26, 32, 30)])
@@ -186,10 +188,11 @@ def test_segment_instances_cupy_chunks_equal_numpy(cp, chunks):
     with dask.config.set(scheduler="synchronous"):
         labels, report = segment_instances(
             da.from_array(cp.asarray(fg), chunks=chunks, asarray=False),
-            da.from_array(cp.asarray(dist), chunks=chunks, asarray=False), halo=16, **PARAMS)
+            da.from_array(cp.asarray(dist), chunks=chunks, asarray=False), PostParams(halo=16, **PARAMS))
         out = labels.compute()
         expected, e_report = segment_instances(
-            da.from_array(fg, chunks=chunks), da.from_array(dist, chunks=chunks), halo=16, **PARAMS)
+            da.from_array(fg, chunks=chunks), da.from_array(dist, chunks=chunks),
+            PostParams(halo=16, **PARAMS))
         expected = expected.compute()
     assert isinstance(out, cp.ndarray) and out.dtype == np.uint32
     np.testing.assert_array_equal(out.get(), expected)

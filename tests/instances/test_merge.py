@@ -15,9 +15,9 @@ from scipy import ndimage as ndi
 
 from cryosiam_dask.errors import ConfigError
 from cryosiam_dask.instances.components import BYTES_PER_VOXEL
-from cryosiam_dask.instances.merge import segment_instances
+from cryosiam_dask.instances.memory_store import segment_instances
+from cryosiam_dask.instances.params import PostParams, margin_for
 from cryosiam_dask.instances.reference import from_original_kwargs, instance_segmentation
-from cryosiam_dask.instances.windows import margin_for
 from cryosiam_dask.testing import strategies
 
 PARAMS = dict(min_center_distance=1.0, max_center_distance=3.0, threshold_foreground=0.5, distance_type=1)
@@ -31,7 +31,10 @@ def run_chunked(fg, dist, chunks, halo, limit_bytes=None, **params):
     kw = {} if limit_bytes is None else {"limit_bytes": limit_bytes}
     with dask.config.set(scheduler="synchronous"):
         labels, report = segment_instances(
-            da.from_array(fg, chunks=chunks), da.from_array(dist, chunks=chunks), halo=halo, **kw, **params
+            da.from_array(fg, chunks=chunks),
+            da.from_array(dist, chunks=chunks),
+            PostParams(halo=halo, **params),
+            **kw,
         )
         return labels.compute(), report
 
@@ -169,7 +172,7 @@ def rod_maps():
 
 def test_rod_longer_than_halo_is_exact(caplog):
     fg, dist = rod_maps()
-    with caplog.at_level(logging.WARNING, logger="cryosiam_dask.instances.merge"):
+    with caplog.at_level(logging.WARNING, logger="cryosiam_dask.instances.chunked"):
         out, report = check_against_reference(fg, dist, (16, 16, 8), 12)
     assert report.large == 1
     assert "larger than one task" not in caplog.text
@@ -177,7 +180,7 @@ def test_rod_longer_than_halo_is_exact(caplog):
 
 def test_rod_larger_than_the_memory_limit_is_reported(caplog):
     fg, dist = rod_maps()
-    with caplog.at_level(logging.WARNING, logger="cryosiam_dask.instances.merge"):
+    with caplog.at_level(logging.WARNING, logger="cryosiam_dask.instances.chunked"):
         out, report = run_chunked(fg, dist, (16, 16, 8), 12, limit_bytes=1000 * BYTES_PER_VOXEL, **PARAMS)
     assert report.oversized > 0
     assert report.oversized_chunks > 0
@@ -223,7 +226,7 @@ def test_components_larger_than_the_halo_are_exact(maps, chunks, caplog):
     biggest = np.argmax(np.bincount(support.ravel())[1:]) + 1
     sizes = [np.ptp(np.nonzero(support == biggest)[a]) for a in range(3)]
     assert max(sizes) > 24 + 12  # wider than a window
-    with caplog.at_level(logging.WARNING, logger="cryosiam_dask.instances.merge"):
+    with caplog.at_level(logging.WARNING, logger="cryosiam_dask.instances.chunked"):
         out, report = check_against_reference(fg, dist, chunks, 12)
     assert report.large >= 1
     assert caplog.text == ""
@@ -251,7 +254,7 @@ def test_running_twice_gives_the_same_result():
 def test_distributed_client(client):
     fg, dist = ball_maps(LAYOUT, [(8, 8, 8, 3.5), (15, 16, 9, 3), (4, 20, 20, 2.5)])
     labels, report = segment_instances(
-        da.from_array(fg, chunks=CHUNKS), da.from_array(dist, chunks=CHUNKS), halo=16, **PARAMS
+        da.from_array(fg, chunks=CHUNKS), da.from_array(dist, chunks=CHUNKS), PostParams(halo=16, **PARAMS)
     )
     out = labels.compute()
     np.testing.assert_array_equal(out, instance_segmentation(fg, dist, **PARAMS))
@@ -260,12 +263,16 @@ def test_distributed_client(client):
 
 def test_errors():
     a = da.zeros((10, 10, 10), chunks=5, dtype=np.float32)
-    with pytest.raises(ConfigError, match="halo is 4 along axis z but must exceed 9"):
-        segment_instances(a, a, halo=4, **PARAMS)
-    with pytest.raises(ConfigError, match="halo must be an int >= 0 or three of them"):
-        segment_instances(a, a, halo=(20, 20), **PARAMS)
+    with pytest.raises(ConfigError, match="halo is 4 but must exceed 9"):
+        PostParams(halo=4, **PARAMS)
+    with pytest.raises(ConfigError, match="halo must be an integer >= 0, got"):
+        PostParams(halo=(20, 20), **PARAMS)
     with pytest.raises(ConfigError, match="must be 3-d arrays of one shape"):
-        segment_instances(a, a[:5], **PARAMS)
+        segment_instances(a, a[:5], PostParams(**PARAMS))
+    with pytest.raises(ConfigError, match="min_center_distance must be a finite number"):
+        PostParams(**{**PARAMS, "min_center_distance": float("nan")})
+    with pytest.raises(ConfigError, match="threshold is not a post-processing parameter"):
+        PostParams.from_kwargs(threshold=0.5)
 
 
 @pytest.mark.slow
@@ -307,7 +314,7 @@ def _run_maps(fg, dist, chunks, store=None):
 def test_run_layer_segments_large_components_whole_and_resumes(tmp_path, backed, monkeypatch):
     from cryosiam_dask.io.sources import zarr_source
     from cryosiam_dask.run import segment
-    from cryosiam_dask.run.segment import segment_all
+    from cryosiam_dask.run.segment import segment_one
     from cryosiam_dask.run.settings import InstanceSettings
 
     fg, dist = tube_maps()
@@ -316,21 +323,21 @@ def test_run_layer_segments_large_components_whole_and_resumes(tmp_path, backed,
     # zarr-backed maps: each window task reads its own window (no dask slicing)
     assert (zarr_source(maps.foreground) is not None) == (backed == "zarr")
     assert zarr_source(maps.foreground[1:]) is None
-    settings = InstanceSettings(**PARAMS, boundary_bias=0.45, postprocessing=False, halo=12)
+    settings = InstanceSettings(post=PostParams(**PARAMS, halo=12))
     expected = instance_segmentation(fg, dist, **PARAMS)
     work = tmp_path / "work"
     with dask.config.set(scheduler="synchronous"):
-        (first,) = segment_all(["tube"], [maps], settings, work)
+        first = segment_one("tube", maps, settings, work)
         np.testing.assert_array_equal(first.labels.compute(), expected)
         assert first.report["large"] >= 1 and first.report["oversized"] == 0
         assert first.report["large_computed"] == first.report["large"]
-        (second,) = segment_all(["tube"], [maps], settings, work)  # everything reused
+        second = segment_one("tube", maps, settings, work)  # everything reused
         assert second.report["windows_computed"] == 0 and second.report["large_computed"] == 0
         assert second.report["label_chunks_computed"] == 0
         np.testing.assert_array_equal(second.labels.compute(), expected)
         # a rerun under a memory limit too small for the tube: the windows are reused, the labels rewritten
         monkeypatch.setattr(segment, "task_memory_limit", lambda: 1000 * BYTES_PER_VOXEL)
-        (third,) = segment_all(["tube"], [maps], settings, work)
+        third = segment_one("tube", maps, settings, work)
         assert third.report["windows_computed"] == 0 and third.report["oversized"] > 0
         assert third.report["label_chunks_computed"] == int(np.prod(third.labels.numblocks))
         out = third.labels.compute()
