@@ -87,6 +87,40 @@ def _user_errors(debug: bool = False) -> Iterator[None]:
         raise typer.Exit(e.exit_code) from None
 
 
+class _OneLineRecords(logging.Filter):
+    """One line of at most 300 characters per record on a stderr handler (a traceback: its last line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record to one line; never drop it."""
+        from cryosiam_dask.run.failures import exception_line, one_line
+
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text = f"{text} ({exception_line(record.exc_info[1])})"
+        record.msg, record.args = one_line(text, 300), None  # e.g. the list of every lost task's key
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        return True
+
+
+@contextmanager
+def quiet_distributed_tracebacks() -> Iterator[None]:
+    """While the CLI runs: distributed's log records in this process print one line each, no traceback."""
+    import distributed  # noqa: F401  # its import installs the handlers filtered here
+
+    logger_ = logging.getLogger("distributed")
+    filt = _OneLineRecords()
+    handlers = [h for h in logger_.handlers if isinstance(h, logging.StreamHandler)]
+    for h in handlers:
+        h.addFilter(filt)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(filt)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"cryosiam_dask {__version__}")
@@ -208,8 +242,6 @@ def instance_predict(
         if debug:
             results = run_instance_predict(cfg, filename=filename)
         else:
-            from cryosiam_dask.run.failures import quiet_distributed_tracebacks
-
             with quiet_distributed_tracebacks():  # dask's own records: one line each, the error line last
                 results = run_instance_predict(cfg, filename=filename)
     logger.info(

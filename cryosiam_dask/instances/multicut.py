@@ -27,7 +27,7 @@ from cryosiam_dask.instances.bilateral import bilateral_filter, bilateral_filter
 from cryosiam_dask.instances.edges import EdgeStats, edge_stats, merge_edge_stats
 
 __all__ = [
-    "MULTICUT_EXTRA",
+    "MULTICUT_NEEDS",
     "check_multicut_available",
     "edge_stats",
     "final_id_table",
@@ -38,14 +38,14 @@ __all__ = [
     "solve_multicut",
 ]
 
-MULTICUT_EXTRA = 'the multicut needs bioimage-cpp: pip install "cryosiam_dask[multicut]"'
+MULTICUT_NEEDS = "the multicut needs bioimage-cpp, a dependency of cryosiam_dask: pip install bioimage-cpp"
 
 def check_multicut_available() -> None:
-    """Raise NotSupportedError naming the ``multicut`` extra when bioimage-cpp cannot be imported."""
+    """Raise NotSupportedError naming bioimage-cpp when it cannot be imported (a broken install)."""
     try:
         import bioimage_cpp  # noqa: F401
     except ImportError as e:
-        raise NotSupportedError(f"parameters.network.postprocessing is True: {MULTICUT_EXTRA} "
+        raise NotSupportedError(f"parameters.network.postprocessing is True: {MULTICUT_NEEDS} "
                                 "(or set 'postprocessing: False' for the seeded watershed alone)") from e
 
 
@@ -206,7 +206,7 @@ def multicut_postprocess(
     ws_labels = np.asarray(ws_labels)
     if boundary_bias == 1:
         return ws_labels.astype(np.uint32, copy=False)
-    check_multicut_available()  # one line naming the extra, before the bilateral filter runs
+    check_multicut_available()  # one line naming bioimage-cpp, before the bilateral filter runs
     smoothed = bilateral_filter(np.asarray(boundaries))
     u, v, sums, counts = edge_stats(ws_labels, smoothed)
     n_nodes = int(ws_labels.max()) + 1

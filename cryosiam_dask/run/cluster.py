@@ -17,15 +17,9 @@ from typing import Any
 
 from cryosiam_dask.backend import GPU_HINT, require_gpu
 from cryosiam_dask.errors import ClusterError, ConfigError, CryoSiamDaskError
-from cryosiam_dask.run.failures import (
-    ALLOWED_FAILURES,
-    WORKER_WAIT_S,
-    WorkerStderrToFile,
-    check_workers,
-    one_line,
-    watching,
-)
+from cryosiam_dask.run.failures import ALLOWED_FAILURES, one_line, watching
 from cryosiam_dask.run.progress import Resources
+from cryosiam_dask.run.workers import WORKER_WAIT_S, WorkerStderrToFile, check_workers
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +226,7 @@ def start_client(
     The dashboard link is logged at start. On exit, a cluster started here is closed; an existing one is left
     running. Every failure to start is one :class:`~cryosiam_dask.errors.ClusterError` line in bounded time:
     a scheduler that cannot be reached, workers that do not start or join within ``wait_s``, a worker that
-    cannot import the task modules (:func:`~cryosiam_dask.run.failures.check_workers`). A cluster started here
+    cannot import the task modules (:func:`~cryosiam_dask.run.workers.check_workers`). A cluster started here
     retries a task whose worker died :data:`~cryosiam_dask.run.failures.ALLOWED_FAILURES` time(s), and its
     workers write their stderr to ``worker_log`` (when given).
     """

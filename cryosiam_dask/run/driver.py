@@ -52,7 +52,7 @@ def validate(config: InstanceConfig, *, filename: str | None = None) -> tuple[li
     if config.post_params.multicut_on:
         from cryosiam_dask.instances.multicut import check_multicut_available
 
-        check_multicut_available()  # before any work: a missing extra names itself in one line
+        check_multicut_available()  # before any work: a broken install names bioimage-cpp in one line
     files = config.validate_paths(filename)
     _check_inputs(config, files)
     ckpt = load_checkpoint(config.checkpoint_path)

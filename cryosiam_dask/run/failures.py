@@ -1,27 +1,24 @@
 """Failures of the cluster and of its tasks, as one-line user errors, in bounded time.
 
-Every way a run on dask can fail ends here:
+Every way a run on dask can fail is mapped here (the workers' start-up checks and their log file live in
+:mod:`cryosiam_dask.run.workers`):
 
 - a worker killed by the OS or by its nanny's memory limit while running a task: distributed retries the task
   on a fresh worker :data:`ALLOWED_FAILURES` time(s), then raises ``KilledWorker`` (:func:`stage_error` names
   the task, the cause seen by the nanny and the memory limit);
 - a worker that cannot start, or cannot import the modules of our tasks: found before any task by
-  :func:`check_workers` (a worker that fails to import a task's module while the scheduler sends it the task
-  hangs the run, in distributed 2026.8), with a bounded wait;
+  :func:`cryosiam_dask.run.workers.check_workers`, with a bounded wait;
 - a task that raises: its exception type and message, on one line (the traceback goes to the log file);
 - the scheduler gone (connection lost, futures cancelled): one line.
 
-The module is imported by the workers (:class:`WorkerStderrToFile`, :func:`import_modules`), so it imports
-neither torch nor the package's heavy modules at top level (distributed only).
+The workers import it (through :mod:`cryosiam_dask.run.workers`), so it imports neither torch nor the
+package's heavy modules at top level (distributed only).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import sys
-import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,25 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distributed.diagnostics.plugin import WorkerPlugin
-
 from cryosiam_dask.errors import ClusterError, CryoSiamDaskError, ParameterError, TaskError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ALLOWED_FAILURES",
-    "TASK_MODULES",
-    "WORKER_WAIT_S",
-    "ClusterError",
     "FailureContext",
-    "TaskError",
-    "WorkerStderrToFile",
-    "check_workers",
-    "import_modules",
+    "exception_line",
     "is_run_failure",
     "one_line",
-    "quiet_distributed_tracebacks",
+    "see_log",
     "stage_error",
     "watching",
 ]
@@ -57,17 +46,6 @@ ALLOWED_FAILURES = 1
 task whose worker dies is retried once on a fresh worker (a one-off loss recovers), a task that kills every
 worker fails after two deaths instead of four."""
 
-WORKER_WAIT_S = 120.0
-"""Longest wait for the workers to start, join and import the task modules (torch is not imported here)."""
-
-TASK_MODULES = (
-    "cryosiam_dask.run.maps",
-    "cryosiam_dask.run.segment",
-    "cryosiam_dask.run.multicut",
-    "cryosiam_dask.run.write",
-)
-"""Modules whose functions become tasks: each worker must import them (and what they import) before work."""
-
 
 def one_line(text: str, limit: int = 400) -> str:
     """``text`` with its lines joined by spaces and cut at ``limit`` characters."""
@@ -75,7 +53,8 @@ def one_line(text: str, limit: int = 400) -> str:
     return joined if len(joined) <= limit else joined[: limit - 3] + "..."
 
 
-def _exception_line(e: BaseException) -> str:
+def exception_line(e: BaseException) -> str:
+    """``Type: message`` of an exception, on one line."""
     text = one_line(str(e))
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
@@ -151,120 +130,10 @@ def watching(worker_log: Path | None = None, memory_limit: str | None = None) ->
         nanny.setLevel(old_level)
 
 
-def _see_log() -> str:
+def see_log() -> str:
+    """Where the workers' log is, for the end of an error line."""
     path = _context().worker_log
     return f"see the worker log {path}" if path is not None else "see the dask workers' log"
-
-
-# ----------------------------------------------------------------------------------- in the worker processes
-class WorkerStderrToFile(WorkerPlugin):
-    """Worker plugin: the worker process's stderr (its log records, warnings, tracebacks) goes to ``path``.
-
-    Keeps a failed task's ``Compute Failed ... Traceback`` records off the terminal, where the run prints its
-    one-line error; the one-line error names the file.
-
-    Parameters
-    ----------
-    path : Path
-        Worker log file, appended to by every worker process of the run.
-    """
-
-    name = "cryosiam_dask-worker-log"
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def setup(self, worker: Any) -> None:
-        """Redirect file descriptor 2 (so C-level messages follow too) to the worker log."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            sys.stderr.flush()
-            os.dup2(fd, 2)
-        finally:
-            os.close(fd)
-        print(f"--- worker {getattr(worker, 'address', '?')} pid {os.getpid()}", file=sys.stderr, flush=True)
-
-
-
-def import_modules(modules: tuple[str, ...]) -> str | None:
-    """Import ``modules`` in this process; None, or the first failure on one line (run on each worker)."""
-    import importlib
-
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except BaseException as e:  # an import may raise anything (SystemExit from a C extension included)
-            return f"cannot import {name} ({_exception_line(e)})"
-    return None
-
-
-def _with_timeout(fn: Any, timeout: float, what: str) -> Any:
-    result: list[Any] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(fn())
-        except BaseException as e:
-            error.append(e)
-
-    thread = threading.Thread(target=target, daemon=True, name="cryosiam_dask-check-workers")
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise ClusterError(f"{what} did not answer within {timeout:.0f} s; {_see_log()}")
-    if error:
-        raise error[0]
-    return result[0]
-
-
-def check_workers(
-    client: Any,
-    *,
-    n_workers: int = 1,
-    modules: tuple[str, ...] = TASK_MODULES,
-    timeout: float = WORKER_WAIT_S,
-    where: str = "the local cluster",
-) -> None:
-    """Wait (bounded) for ``n_workers`` workers, then make each import ``modules``; a failure is one line.
-
-    Raises
-    ------
-    ClusterError
-        Too few workers within ``timeout``, a worker that cannot import a module, or one that died doing so.
-    """
-    from distributed.exceptions import WorkerStartTimeoutError
-
-    try:
-        client.wait_for_workers(n_workers, timeout=timeout)
-    except WorkerStartTimeoutError as e:
-        raise ClusterError(
-            f"only {e.available_workers} of {n_workers} dask worker(s) of {where} started within "
-            f"{timeout:.0f} s; {_see_log()}"
-        ) from None
-    except CryoSiamDaskError:
-        raise
-    except Exception as e:
-        raise stage_error(e, "start") from e
-    try:
-        answers = _with_timeout(
-            lambda: client.run(import_modules, modules, on_error="return"), timeout, "the dask workers"
-        )
-    except CryoSiamDaskError:
-        raise
-    except Exception as e:
-        raise stage_error(e, "start") from e
-    for address, answer in sorted(answers.items()):
-        if isinstance(answer, BaseException):
-            raise ClusterError(
-                f"a dask worker ({address}) of {where} failed while importing the task modules "
-                f"({_exception_line(answer)}); {_see_log()}"
-            )
-        if answer:
-            raise ClusterError(
-                f"a dask worker ({address}) of {where} {answer}; install the same environment "
-                f"on the workers as on the client; {_see_log()}"
-            )
 
 
 # ------------------------------------------------------------------------------------------- the mapping
@@ -283,7 +152,7 @@ def _killed_worker(e: Any, stage: str) -> ClusterError:
     return ClusterError(
         f"a dask worker died {tries} time{'s' * (tries != 1)} while running stage {stage} "
         f"(last: {cause}; {memory}); lower chunk_size or raise memory_limit if it ran out of memory; "
-        f"{_see_log()}"
+        f"{see_log()}"
     )
 
 
@@ -341,7 +210,7 @@ def stage_error(e: BaseException, stage: str, work_dir: Path | None = None) -> B
         detail = f"{type(e).__name__}: {text}" if text else type(e).__name__
         return ClusterError(
             f"the dask scheduler or its workers went away during stage {stage} ({detail}); check that the "
-            f"scheduler is running, then run again (finished chunks are kept); {_see_log()}"
+            f"scheduler is running, then run again (finished chunks are kept); {see_log()}"
         )
     if isinstance(e, OSError):
         from cryosiam_dask.run.write import output_error
@@ -349,39 +218,7 @@ def stage_error(e: BaseException, stage: str, work_dir: Path | None = None) -> B
         return output_error(e, Path(e.filename) if getattr(e, "filename", None) else (work_dir or Path(".")))
     if isinstance(e, Exception):
         return TaskError(
-            f"stage {stage} failed: {_exception_line(e)} (raised in a dask task or while waiting for one; "
-            f"{_see_log()} and the run's log for the traceback, or run with --debug)"
+            f"stage {stage} failed: {exception_line(e)} (raised in a dask task or while waiting for one; "
+            f"{see_log()} and the run's log for the traceback, or run with --debug)"
         )
     return e
-
-
-# --------------------------------------------------------------------------------------------- logging
-class _OneLineRecords(logging.Filter):
-    """One line of at most 300 characters per record on a stderr handler (a traceback: its last line)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            text = f"{text} ({_exception_line(record.exc_info[1])})"
-        record.msg, record.args = one_line(text, 300), None  # e.g. the list of every lost task's key
-        record.exc_info = None
-        record.exc_text = None
-        record.stack_info = None
-        return True
-
-
-@contextmanager
-def quiet_distributed_tracebacks() -> Iterator[None]:
-    """While the CLI runs: distributed's log records in this process print one line each, no traceback."""
-    import distributed  # noqa: F401  # its import installs the handlers filtered here
-
-    logger_ = logging.getLogger("distributed")
-    filt = _OneLineRecords()
-    handlers = [h for h in logger_.handlers if isinstance(h, logging.StreamHandler)]
-    for h in handlers:
-        h.addFilter(filt)
-    try:
-        yield
-    finally:
-        for h in handlers:
-            h.removeFilter(filt)

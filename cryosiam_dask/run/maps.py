@@ -35,7 +35,7 @@ from cryosiam_dask.run.settings import InputSettings, NetworkSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAP_NAMES", "Maps", "chunk_writes", "maps_fingerprint", "predict_one", "write_region"]
+__all__ = ["MAP_NAMES", "Maps", "maps_fingerprint", "predict_one", "write_region"]
 
 MAP_NAMES = ("foreground", "distance", "boundary")
 
@@ -237,20 +237,3 @@ def _complete(markers: resume.ChunkMarkers) -> bool:
 def _mark_complete(markers: resume.ChunkMarkers, n_blocks: int) -> None:
     markers.folder.mkdir(parents=True, exist_ok=True)
     (markers.folder / "complete").write_text(str(n_blocks))
-
-
-def chunk_writes(arrays: Any, targets: list[Any], markers: Any, todo: list[tuple[int, ...]],
-                 name: str | None = None) -> list[Any]:
-    """One delayed task per storage chunk in ``todo``: write that chunk of every array, then its marker.
-
-    For arrays computed chunk by chunk (``map_blocks`` of a stored array): each chunk's chain runs once.
-    """
-    bounds = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in arrays[0].chunks]
-    write = dask.delayed(resume.write_chunk, pure=False)
-    tasks = []
-    for index in todo:
-        region = tuple(slice(int(b[i]), int(b[i + 1])) for b, i in zip(bounds, index, strict=True))
-        key = None if name is None else f"{name}-{'.'.join(map(str, index))}"
-        tasks.append(write([a.blocks[index] for a in arrays], targets, region, markers, index,
-                           dask_key_name=key))
-    return tasks

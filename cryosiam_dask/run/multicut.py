@@ -12,11 +12,10 @@ import logging
 from pathlib import Path
 
 import dask.array as da
-import numpy as np
 
 from cryosiam_dask.instances.multicut import multicut_chunked
 from cryosiam_dask.run import resume
-from cryosiam_dask.run.maps import Maps, chunk_writes
+from cryosiam_dask.run.maps import Maps
 from cryosiam_dask.run.progress import DEFAULT_LANE, Lane
 from cryosiam_dask.run.segment import Instances
 from cryosiam_dask.run.settings import InstanceSettings
@@ -44,12 +43,8 @@ def multicut_one(
     key = resume.fingerprint_key(inst.store, post.boundary_bias, n)
     store = work_dir / stem / f"multicut-{key}.zarr"
     markers = resume.ChunkMarkers(store.with_name(store.name + ".done") / "multicut", "multicut")
-    chunks = tuple(int(c[0]) for c in labels.chunks)
-    target = resume.open_chunked(
-        store, "instances", shape=labels.shape, chunks=chunks, dtype=np.uint32, markers=markers
-    )
-    todo = [i for i in np.ndindex(*labels.numblocks) if not markers.done(i)]
-    lane.compute(*chunk_writes([labels], [target], markers, todo, name=f"multicut-{stem}-{key}"))
+    target, _ = resume.store_chunks(labels, store, "instances", markers, stem=stem, kind="multicut",
+                                    compute=lane.compute)
     n_before = inst.report.get("n_instances", 0)
     logger.info("%s: multicut joined %d watershed instances into %d", stem, n_before, n)
     report = {**inst.report, "n_watershed_instances": n_before, "n_instances": n}

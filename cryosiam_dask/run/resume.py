@@ -201,3 +201,59 @@ def write_chunk(
         target[region] = np.asarray(block)
     markers.save(index)
     return 1
+
+
+def chunk_writes(
+    arrays: Any, targets: list[Any], markers: Any, todo: list[tuple[int, ...]], name: str | None = None
+) -> list[Any]:
+    """One delayed task per storage chunk in ``todo``: write that chunk of every array, then its marker.
+
+    For arrays computed chunk by chunk (``map_blocks`` of a stored array): each chunk's chain runs once.
+    """
+    bounds = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in arrays[0].chunks]
+    import dask
+
+    write = dask.delayed(write_chunk, pure=False)
+    tasks = []
+    for index in todo:
+        region = tuple(slice(int(b[i]), int(b[i + 1])) for b, i in zip(bounds, index, strict=True))
+        key = None if name is None else f"{name}-{'.'.join(map(str, index))}"
+        tasks.append(write([a.blocks[index] for a in arrays], targets, region, markers, index,
+                           dask_key_name=key))
+    return tasks
+
+
+def store_chunks(
+    array: Any, store: Path, name: str, markers: ChunkMarkers, *, stem: str, kind: str, compute: Any
+) -> tuple[Any, int]:
+    """Write a lazy array into ``store/name`` chunk by chunk, resumably: the one resume loop of the stages.
+
+    Parameters
+    ----------
+    array : dask.array.Array
+        Computed chunk by chunk (each chunk's chain runs once).
+    store, name : the zarr group and array (created, or reused when its shape, chunks and dtype match)
+    markers : ChunkMarkers
+        One done marker per chunk; chunks with one are not recomputed.
+    stem, kind : str
+        The tomogram and what is written (``labels``, ``multicut``), for the log and the task names.
+    compute : callable
+        Runs the write tasks (a tomogram's lane).
+
+    Returns
+    -------
+    target : zarr.Array
+        The written array.
+    n_computed : int
+        Chunks written by this call.
+    """
+    chunks = tuple(int(c[0]) for c in array.chunks)
+    target = open_chunked(store, name, shape=tuple(array.shape), chunks=chunks, dtype=array.dtype,
+                          markers=markers)
+    every = list(np.ndindex(*array.numblocks))
+    todo = [i for i in every if not markers.done(i)]
+    if len(todo) < len(every):
+        logger.info("%s: %s: %d of %d chunks done in an earlier run", stem, kind, len(every) - len(todo),
+                    len(every))
+    compute(*chunk_writes([array], [target], markers, todo, name=f"{kind}-{stem}-{store.name}"))
+    return target, len(todo)

@@ -28,7 +28,7 @@ from cryosiam_dask.instances.windows import Window, segment_window
 from cryosiam_dask.io.semantic import semantic_foreground
 from cryosiam_dask.io.sources import read_region, zarr_source
 from cryosiam_dask.run import resume
-from cryosiam_dask.run.maps import Maps, chunk_writes
+from cryosiam_dask.run.maps import Maps
 from cryosiam_dask.run.progress import DEFAULT_LANE, Lane
 from cryosiam_dask.run.settings import InstanceSettings
 
@@ -280,15 +280,7 @@ def segment_one(
     )
     label_markers = resume.ChunkMarkers(keys.done / "instances", "instances")
     _check_table(keys.done, result.table, label_markers)
-    target = resume.open_chunked(
-        store, "instances", shape=keys.shape, chunks=keys.chunks, dtype=np.uint32, markers=label_markers
-    )
-    todo = [i for i in np.ndindex(*result.labels.numblocks) if not label_markers.done(i)]
-    n_all = int(np.prod(result.labels.numblocks))
-    if len(todo) < n_all:
-        logger.info("%s: labels: %d of %d chunks done in an earlier run", stem, n_all - len(todo), n_all)
-    lane.compute(
-        *chunk_writes([result.labels], [target], label_markers, todo, name=f"labels-{stem}-{store.name}")
-    )
-    report = {**asdict(result.report), "label_chunks_computed": len(todo)}
+    target, n_written = resume.store_chunks(result.labels, store, "instances", label_markers, stem=stem,
+                                            kind="labels", compute=lane.compute)
+    report = {**asdict(result.report), "label_chunks_computed": n_written}
     return Instances(da.from_zarr(target, chunks=result.labels.chunks), report, store.name)
