@@ -53,13 +53,13 @@ def time_whole(volume: np.ndarray, ckpt: Path, batch_size: int) -> tuple[dict[st
     """(a) the original's tiling in this process; warm-up on one patch first."""
     import torch
 
-    from cryosiam_dask.network import normalize, reference, runtime
+    from cryosiam_dask.network import normalize, reference
     from cryosiam_dask.network.checkpoint import load_checkpoint, patch_size_of
     from cryosiam_dask.network.model import build_model
 
     c = load_checkpoint(ckpt)
     model, patch = build_model(c), patch_size_of(c)
-    runtime.run_network(model, np.zeros((1, *patch), np.float32))
+    reference.run_original(model, np.zeros((1, *patch), np.float32))  # warm-up
     norm = normalize.normalize_block(volume, a_min=0, a_max=1, mean=0, std=1)
     with PeakRSS() as mem:
         t0 = time.perf_counter()

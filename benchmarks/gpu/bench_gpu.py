@@ -4,7 +4,7 @@ Run by ``benchmarks/gpu/run_device.sh`` on the device machine (or alone once the
 
 - **network**: the real architecture (:func:`cryosiam_dask.testing.checkpoints.write_checkpoint`, seeded
   random weights: the timing does not depend on them), patch 64, one storage chunk through the production path
-  (``predict_maps`` → ``_chunk_task`` → ``predict_block`` → ``run_network``, dask's synchronous scheduler, no
+  (``predict_maps`` → ``run_block`` → ``predict_block`` → ``run_network``, dask's synchronous scheduler, no
   cluster), for ``exact`` and ``fast`` × float32 and bf16 × each batch size. Output voxels/s = chunk voxels
   / wall (median of ``--repeats`` after a warm-up that also pays cuDNN's autotuning). A second, instrumented
   run (synchronising around each piece) gives the share of time per stage: window assembly + normalisation
@@ -169,7 +169,9 @@ def instrumented_network(timer: StageTimer) -> Iterator[None]:
 
     def timed_run(model: Any, batch: np.ndarray, *, kept: Any = None, amp: str | None = None) -> np.ndarray:
         with timer("h2d"):
-            x = runtime._as_input(batch, runtime._device_of(model))
+            device = runtime._device_of(model)
+            x = runtime._as_input(batch)
+            x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
         with timer("forward"):
             y = runtime._forward(model, x, kept, amp)
         with timer("d2h"):
@@ -258,7 +260,7 @@ def bench_overlap(args: argparse.Namespace, device: str, ckpt: Path) -> list[dic
     from cryosiam_dask.network import runtime
 
     if device == "cuda":
-        runtime.set_tf32(False)
+        runtime.set_cuda_flags(tf32=False)
     model = runtime.get_network(ckpt, device)
     b = max(args.batch_sizes)
     kept_vox = (args.patch - 2 * (args.patch // 4)) ** 3 * b * args.loop_batches
@@ -289,7 +291,7 @@ def allocator_one(spec: dict[str, Any]) -> dict[str, Any]:
             enable_rmm_memory_for_library(lib)
     from cryosiam_dask.network import runtime
 
-    runtime.set_tf32(False)
+    runtime.set_cuda_flags(tf32=False)
     model = runtime.get_network(spec["ckpt"], "cuda")
     s = network_loop(model, spec["patch"], spec["batch_size"], spec["n"], pipelined=False)
     kept_vox = (spec["patch"] - 2 * (spec["patch"] // 4)) ** 3 * spec["batch_size"] * spec["n"]

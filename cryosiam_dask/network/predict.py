@@ -32,7 +32,7 @@ from cryosiam_dask.network.runtime import (
     get_network,
     read_patch_size,
     run_network_batches,
-    set_tf32,
+    set_cuda_flags,
     set_torch_threads,
 )
 from cryosiam_dask.network.tiling import (
@@ -227,7 +227,7 @@ def run_block(blocks, mask, *, block: InferenceBlock, checkpoint_path, device, a
     if device == "cpu":
         set_torch_threads()
     else:
-        set_tf32(tf32)
+        set_cuda_flags(tf32=tf32)
     model = get_network(checkpoint_path, device)
     window = _assemble_window(blocks, block.plan, size, shape, norm)
     out = predict_block(window, model, block.plan, block.start, block.shape,

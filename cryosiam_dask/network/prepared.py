@@ -38,12 +38,13 @@ from torch.nn import functional as F
 from cryosiam_dask.network.folding import FoldedBlock, fold_conv_bn, folded_params, new_conv, pointwise
 from cryosiam_dask.network.model import InstanceNetwork
 
-__all__ = ["Kept", "PreparedNetwork", "prepare"]
+__all__ = ["AMP_DTYPES", "Kept", "PreparedNetwork", "prepare"]
 
 Kept = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 """Kept output range per axis, ``((z_lo, z_hi), (y_lo, y_hi), (x_lo, x_hi))``, in patch coordinates."""
 
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""``amp`` setting -> autocast dtype (the one table of the package)."""
 
 
 def _upsample_taps(n_in: int, n_out: int, lo: int, hi: int) -> tuple[int, int, torch.Tensor, torch.Tensor,
@@ -260,7 +261,7 @@ class PreparedNetwork(nn.Module):
         """
         if x.dim() != 5 or x.shape[1] != 1:
             raise ValueError(f"x should be (B, 1, Z, Y, X), found {tuple(x.shape)}")
-        ctx = nullcontext() if amp is None else torch.autocast(x.device.type, dtype=_AMP_DTYPES[amp])
+        ctx = nullcontext() if amp is None else torch.autocast(x.device.type, dtype=AMP_DTYPES[amp])
         size = tuple(int(n) for n in x.shape[2:])
         with ctx:
             res2, res3, res4, res5 = self.encode(x)

@@ -9,10 +9,39 @@ import numpy as np
 
 from cryosiam_dask._types import ShapeZYX
 from cryosiam_dask.errors import ParameterError
-from cryosiam_dask.network.runtime import run_network
 from cryosiam_dask.network.tiling import kept_ranges
 
-__all__ = ["predict_whole"]
+__all__ = ["predict_whole", "run_original"]
+
+
+def run_original(model: Any, batch: np.ndarray, amp: str | None = None) -> np.ndarray:
+    """The original network's forward on a batch of windows, as CryoSiam runs it: the whole window.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        ``forward(x[B, 1, D, H, W]) -> (foreground, distance, boundary)``, each ``[B, 1, D, H, W]``
+        (:func:`~cryosiam_dask.network.model.build_model`'s network).
+    batch : (B, D, H, W) ndarray of float32
+    amp : {None, "bf16", "fp16"}, default None
+
+    Returns
+    -------
+    (B, 3, D, H, W) ndarray of float32
+    """
+    import torch
+
+    from cryosiam_dask.network.prepared import AMP_DTYPES
+
+    device = next(iter(model.parameters())).device
+    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)[:, None]).to(device)
+    with torch.inference_mode():
+        if amp is None:
+            maps = model(x)
+        else:
+            with torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp]):
+                maps = model(x)
+        return torch.cat([m.float() for m in maps], dim=1).cpu().numpy()
 
 
 def predict_whole(
@@ -29,7 +58,7 @@ def predict_whole(
     volume : (Z, Y, X) ndarray
         Normalised tomogram (see :func:`normalize_block`).
     model : torch.nn.Module
-        See :func:`run_network`.
+        The original network (see :func:`run_original`).
     patch_size : (pz, py, px) ints, multiples of 4
     batch_size : int
 
@@ -52,7 +81,7 @@ def predict_whole(
         batch = patches[i:i + batch_size]
         inputs = np.stack([vol[tuple(slice(c, c + p) for c, p in zip(c0, patch_size, strict=True))]
                            for c0 in batch])
-        preds = run_network(model, inputs, amp=amp)
+        preds = run_original(model, inputs, amp=amp)
         for c0, pred in zip(batch, preds, strict=True):
             if any(c not in k for c, k in zip(c0, keep, strict=True)):
                 continue

@@ -2,15 +2,14 @@
 
 CPU and CUDA share the code; what only CUDA does is kept in small functions:
 
-- :func:`configure_cuda` (called through :func:`set_tf32` by every CUDA task): cuDNN autotuning
+- :func:`configure_cuda` (called through :func:`set_cuda_flags` by every CUDA task): cuDNN autotuning
   (``cudnn.benchmark``: the window shapes of a run are few and fixed, so each is tuned once per process) and
   TF32 off for ``exact`` (cuDNN convolutions and cuBLAS matmuls in true float32). :func:`cuda_flags` says what
   it sets without importing torch.
-- :func:`run_network`: on CUDA the batch is copied into pinned (page-locked) host memory and sent with a
-  non-blocking copy; on CPU the numpy batch is used in place, as before.
-- :func:`run_network_batches`: a stream of batches with the upload of batch ``i + 1`` (on a copy stream) and
-  the host work that makes it overlapping the forward pass of batch ``i``; on CPU it is :func:`run_network`
-  in a loop.
+- :func:`run_network_batches`: a stream of batches through the prepared network's kept-range forward; on
+  CUDA each batch goes through pinned (page-locked) host memory, and the upload of batch ``i + 1`` (on a
+  copy stream) and the host work that makes it overlap the forward pass of batch ``i``; on CPU the numpy
+  batch is used in place. :func:`run_network` is one batch of it.
 
 ``channels_last_3d`` weights and activations come from :func:`~cryosiam_dask.network.prepared.prepare`;
 ``amp`` (bf16/fp16 autocast) from the caller.
@@ -40,7 +39,7 @@ __all__ = [
     "read_patch_size",
     "run_network",
     "run_network_batches",
-    "set_tf32",
+    "set_cuda_flags",
     "set_torch_threads",
 ]
 
@@ -108,51 +107,33 @@ def set_torch_threads() -> None:
         torch.set_num_threads(nthreads)
 
 
-def _as_input(batch: np.ndarray, device: Any) -> Any:
-    """The (B, D, H, W) batch as a (B, 1, D, H, W) float32 tensor on `device`.
-
-    CPU: the numpy memory itself (no copy for a C-contiguous float32 batch). CUDA: a copy in pinned host
-    memory (torch's caching host allocator, reused across calls) sent with ``non_blocking=True`` on the
-    current stream.
-    """
+def _as_input(batch: np.ndarray) -> Any:
+    """The (B, D, H, W) batch as a (B, 1, D, H, W) float32 CPU tensor on the numpy memory (no copy for a
+    C-contiguous float32 batch)."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)[:, None])
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
+    return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)[:, None])
 
 
 def _forward(model: Any, x: Any, kept: tuple[tuple[int, int], ...] | None, amp: str | None) -> Any:
     """(B, 3, kz, ky, kx) float32 maps over `kept` of a (B, 1, D, H, W) input tensor, on its device."""
     import torch
 
-    full = tuple((0, int(n)) for n in x.shape[2:])
     with torch.inference_mode():
-        if hasattr(model, "forward_kept"):
-            return model.forward_kept(x, kept or full, amp=amp)
-        if amp is None:
-            maps = model(x)
-        else:
-            with torch.autocast(device_type=x.device.type, dtype=_AMP[amp](torch)):
-                maps = model(x)
-        out = torch.cat([m.float() for m in maps], dim=1)
-    crop = tuple(slice(lo, hi) for lo, hi in (kept or full))
-    return out[(slice(None), slice(None), *crop)]
+        return model.forward_kept(x, kept or tuple((0, int(n)) for n in x.shape[2:]), amp=amp)
 
 
 def run_network(
     model: Any, batch: np.ndarray, *, kept: tuple[tuple[int, int], ...] | None = None, amp: str | None = None
 ) -> np.ndarray:
-    """Run the network on a batch of windows, returning only the kept range.
+    """Run the prepared network on a batch of windows, returning only the kept range.
 
     Parameters
     ----------
-    model : torch.nn.Module
-        A :class:`~cryosiam_dask.network.prepared.PreparedNetwork` (its ``forward_kept`` computes the
-        layers after the encoder on the kept range only), or any module with
-        ``forward(x[B, 1, D, H, W]) -> (foreground, distance, boundary)``, each ``[B, 1, D, H, W]``
-        (the original network: the whole window is computed, then cropped).
+    model : PreparedNetwork
+        :class:`~cryosiam_dask.network.prepared.PreparedNetwork` (from :func:`get_network`): its
+        ``forward_kept(x, kept, amp=)`` computes the layers after the encoder on the kept range only. The
+        original network's own forward is :func:`cryosiam_dask.network.reference.run_original`.
     batch : (B, D, H, W) ndarray of float32
         Normalised input windows.
     kept : ((lo, hi), (lo, hi), (lo, hi)) or None, default None
@@ -167,11 +148,9 @@ def run_network(
 
     Notes
     -----
-    On CUDA the batch goes through pinned host memory with a non-blocking copy; the result is copied back
-    synchronously. See :func:`run_network_batches` to overlap the copies of successive batches with compute.
+    One batch of :func:`run_network_batches` (on CUDA through pinned host memory and a side stream).
     """
-    x = _as_input(batch, _device_of(model))
-    return _forward(model, x, kept, amp).cpu().numpy()
+    return next(run_network_batches(model, [batch], kept=kept, amp=amp))
 
 
 def _device_of(model: Any) -> Any:
@@ -221,7 +200,7 @@ def run_network_batches(
     device = _device_of(model)
     if device.type != "cuda":
         for batch in batches:
-            yield run_network(model, batch, kept=kept, amp=amp)
+            yield _forward(model, _as_input(batch), kept, amp).numpy()
         return
     import torch
 
@@ -229,7 +208,7 @@ def run_network_batches(
     copy = _copy_stream(device)
 
     def upload(batch: np.ndarray) -> tuple[Any, Any]:
-        host = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)[:, None]).pin_memory()
+        host = _as_input(batch).pin_memory()
         with torch.cuda.stream(copy):
             x = host.to(device, non_blocking=True)
             ready = torch.cuda.Event()
@@ -247,9 +226,6 @@ def run_network_batches(
         following = next(items, None)
         staged = None if following is None else upload(following)
         yield out.cpu().numpy()
-
-
-_AMP = {"bf16": lambda torch: torch.bfloat16, "fp16": lambda torch: torch.float16}
 
 
 def cuda_flags(*, tf32: bool, benchmark: bool = True) -> dict[str, bool]:
@@ -309,10 +285,10 @@ def configure_cuda(*, tf32: bool, benchmark: bool = True, backends: Any = None) 
     return flags
 
 
-def set_tf32(allow: bool) -> dict[str, bool]:
-    """Prepare a CUDA worker for a task: TF32 on (``fast``) or off (``exact``), cuDNN autotuning on.
+def set_cuda_flags(*, tf32: bool) -> dict[str, bool]:
+    """Prepare a CUDA worker for a task: TF32 on (``fast``) or off (``exact``), and cuDNN autotuning on.
 
     Called by every CUDA task of :mod:`cryosiam_dask.network.predict` (never on CPU); see
     :func:`configure_cuda`. Returns the flags applied.
     """
-    return configure_cuda(tf32=allow)
+    return configure_cuda(tf32=tf32)

@@ -4,8 +4,8 @@ Each inference block (:func:`~cryosiam_dask.network.predict.plan_inference`: a g
 storage chunks) is computed by one task that reads its own tomogram blocks from the zarr conversion, runs the
 network and writes its maps into the store itself, then its done marker; only a small code comes back. So
 every block runs once whatever the storage chunking, and nothing waits in worker memory between tasks. A
-storage chunk that two blocks share is written under a ``distributed.Lock`` per chunk (zarr rewrites a whole
-chunk to store part of it); chunks inside one block need no lock.
+storage chunk that two blocks share is written under a file lock per chunk (zarr rewrites a whole chunk to
+store part of it, :func:`write_region`); chunks inside one block need no lock.
 
 The store is named by a hash of what the maps depend on (source file, checkpoint, normalisation, tiling
 (for ``fast``, its window and margin), mask files, batch size, amp). CryoSiam's own ``<stem>_preds.h5`` of
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,30 +87,17 @@ def _maps_key(item: OpenedInput, network: NetworkSettings, inputs: InputSettings
     )
 
 
-_LOCAL_LOCKS: dict[str, threading.Lock] = {}
-_LOCAL_GUARD = threading.Lock()
-
-
-def _chunk_lock(name: str) -> Any:
-    """A lock shared by every worker of the cluster (``distributed.Lock``), or a process lock without one."""
-    try:
-        from distributed import Lock, get_worker
-
-        get_worker()
-        return Lock(name)
-    except (ImportError, ValueError):
-        with _LOCAL_GUARD:
-            return _LOCAL_LOCKS.setdefault(name, threading.Lock())
-
-
-def write_region(
-    values: np.ndarray, targets: list[Any], start: tuple[int, ...], lock_prefix: str
-) -> None:
+def write_region(values: np.ndarray, targets: list[Any], start: tuple[int, ...], locks: Path) -> None:
     """``targets[i][start:start + shape] = values[i]``, storage chunk by storage chunk.
 
-    A chunk that the region covers only in part is written under the lock ``<lock_prefix>-<chunk index>``:
-    zarr reads, updates and rewrites the whole chunk, and another task may be writing its other part.
+    A chunk that the region covers only in part is written under the file lock ``<locks>/<chunk index>.lock``
+    (zarr reads, updates and rewrites the whole chunk, and another task may be writing its other part). A
+    file lock, not a ``distributed.Lock``: every one of those starts a lease-refresh callback in the worker
+    that outlives it, and a tomogram has thousands of such chunks; the stores already need a shared file
+    system.
     """
+    from filelock import FileLock
+
     shape, chunks = targets[0].shape, targets[0].chunks
     stop = [a + n for a, n in zip(start, values.shape[1:], strict=True)]
     ranges = [range(a // c, -(-b // c)) for a, b, c in zip(start, stop, chunks, strict=True)]
@@ -126,14 +112,15 @@ def write_region(
             for target, v in zip(targets, values, strict=True):
                 target[dst] = v[src]
             continue
-        with _chunk_lock(f"{lock_prefix}-{'.'.join(map(str, index))}"):
+        locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(locks / f"{'.'.join(map(str, index))}.lock"):
             for target, v in zip(targets, values, strict=True):
                 target[dst] = v[src]
 
 
 def _block_to_store(
     source: Any, mask: Any, *, reads: list[tuple[Any, tuple[int, ...]]], block: InferenceBlock,
-    kwargs: dict[str, Any], targets: list[Any], markers: resume.ChunkMarkers, lock_prefix: str,
+    kwargs: dict[str, Any], targets: list[Any], markers: resume.ChunkMarkers, locks: Path,
 ) -> int:
     """One inference block: read its tomogram blocks, run the network, write the maps, then its marker.
 
@@ -145,7 +132,7 @@ def _block_to_store(
     if not skipped:
         # from zarr, each read is a region; otherwise dask computed the tomogram block already
         blocks = [(read_region(source, r) if source is not None else r, offset) for r, offset in reads]
-        write_region(run_block(blocks, mask, block=block, **kwargs), targets, block.start, lock_prefix)
+        write_region(run_block(blocks, mask, block=block, **kwargs), targets, block.start, locks)
     markers.save(block.index)
     return int(skipped)
 
@@ -177,7 +164,7 @@ def _block_tasks(item: OpenedInput, network: NetworkSettings, targets: list[Any]
         name = f"network-{item.stem}-{key}-{'.'.join(map(str, b.index))}"
         tasks.append(task(source, mask, reads=reads, block=b,
                           kwargs=p.task_kwargs, targets=targets, markers=markers,
-                          lock_prefix=f"cryosiam-dask-maps-{key}", dask_key_name=name))
+                          locks=markers.folder.parent / "locks", dask_key_name=name))
     return tasks, len(p.blocks)
 
 

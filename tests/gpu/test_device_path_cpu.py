@@ -41,13 +41,13 @@ def test_configure_cuda_sets_what_it_returns(tf32):
     assert b.cuda.matmul.allow_tf32 is tf32  # exact: off; fast: left alone (True in the stand-in)
 
 
-def test_set_tf32_on_torch_backends():
+def test_set_cuda_flags_on_torch_backends():
     import torch
 
     b = torch.backends
     saved = (b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32)
     try:
-        assert runtime.set_tf32(False) == runtime.cuda_flags(tf32=False)
+        assert runtime.set_cuda_flags(tf32=False) == runtime.cuda_flags(tf32=False)
         assert b.cudnn.benchmark is True
         assert b.cudnn.allow_tf32 is False and b.cuda.matmul.allow_tf32 is False
     finally:
@@ -58,7 +58,7 @@ def test_cpu_tasks_leave_the_cuda_flags_alone(tiny_checkpoint, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a CPU task configured CUDA")
 
-    monkeypatch.setattr(predict, "set_tf32", boom)
+    monkeypatch.setattr(predict, "set_cuda_flags", boom)
     monkeypatch.setattr(runtime, "configure_cuda", boom)
     vol = np.random.default_rng(0).random((20, 36, 36), dtype=np.float32)
     maps = predict.predict_maps(da.from_array(vol, chunks=(20, 18, 36)), tiny_checkpoint, tiling="exact",
@@ -67,10 +67,9 @@ def test_cpu_tasks_leave_the_cuda_flags_alone(tiny_checkpoint, monkeypatch):
     assert fg.shape == vol.shape and np.isfinite(fg).all()
 
 
-def test_cpu_input_is_the_numpy_memory(tiny_checkpoint):
-    model = runtime.get_network(tiny_checkpoint, "cpu")
+def test_cpu_input_is_the_numpy_memory():
     batch = np.random.default_rng(1).random((2, 32, 32, 32), dtype=np.float32)
-    x = runtime._as_input(batch, runtime._device_of(model))
+    x = runtime._as_input(batch)
     assert x.device.type == "cpu" and not x.is_pinned()
     assert x.data_ptr() == batch.ctypes.data  # no copy on CPU, as before
 

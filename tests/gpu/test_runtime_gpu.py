@@ -31,10 +31,10 @@ def _batch(seed: int, n: int = 3, size: int = 32) -> np.ndarray:
 
 
 @pytest.mark.parametrize("tf32", [False, True])
-def test_set_tf32_sets_the_cuda_flags(restore_flags, tf32):
+def test_set_cuda_flags_sets_the_cuda_flags(restore_flags, tf32):
     b = restore_flags
     b.cuda.matmul.allow_tf32 = True
-    applied = runtime.set_tf32(tf32)
+    applied = runtime.set_cuda_flags(tf32=tf32)
     assert applied == runtime.cuda_flags(tf32=tf32)
     assert b.cudnn.benchmark is True
     assert b.cudnn.allow_tf32 is tf32
@@ -44,13 +44,13 @@ def test_set_tf32_sets_the_cuda_flags(restore_flags, tf32):
 def test_input_goes_through_pinned_memory(torch_cuda, random_ckpt):
     model = runtime.get_network(random_ckpt, "cuda")
     batch = _batch(0)
-    x = runtime._as_input(batch, next(model.parameters()).device)
+    x = runtime._as_input(batch).pin_memory().to(next(model.parameters()).device, non_blocking=True)
     assert x.is_cuda and tuple(x.shape) == (3, 1, 32, 32, 32)
     np.testing.assert_array_equal(x.cpu().numpy()[:, 0], batch)
 
 
 def test_exact_cuda_equals_cpu(restore_flags, random_ckpt):
-    runtime.set_tf32(False)
+    runtime.set_cuda_flags(tf32=False)
     cpu, gpu = runtime.get_network(random_ckpt, "cpu"), runtime.get_network(random_ckpt, "cuda")
     batch = _batch(1)
     kept = ((8, 24), (0, 16), (16, 32))
@@ -62,7 +62,7 @@ def test_exact_cuda_equals_cpu(restore_flags, random_ckpt):
 
 
 def test_batches_pipelined_equal_one_by_one(restore_flags, random_ckpt):
-    runtime.set_tf32(False)
+    runtime.set_cuda_flags(tf32=False)
     model = runtime.get_network(random_ckpt, "cuda")
     batches = [_batch(s, n=2) for s in range(5)]
     kept = ((8, 24), (8, 24), (8, 24))
@@ -85,7 +85,7 @@ def test_batches_pipelined_equal_one_by_one(restore_flags, random_ckpt):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_close_to_float32(restore_flags, random_ckpt, amp):
-    runtime.set_tf32(True)
+    runtime.set_cuda_flags(tf32=True)
     model = runtime.get_network(random_ckpt, "cuda")
     batch = _batch(2)
     ref = runtime.run_network(model, batch)
