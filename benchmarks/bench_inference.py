@@ -38,7 +38,8 @@ def setup(
     shape: tuple[int, int, int], arch: str, patch: int | None, folder: Path, engineered: bool
 ) -> tuple[np.ndarray, Path, int]:
     """Synthetic tomogram (float32, [0, 1]), a CryoSiam-layout checkpoint of `arch`, and its patch edge."""
-    from cryosiam_dask.testing.synthetic import make_tomogram, write_checkpoint
+    from cryosiam_dask.testing.checkpoints import write_checkpoint
+    from cryosiam_dask.testing.synthetic import make_tomogram
 
     n = max(4, int(np.prod(shape) / 20000))
     volume = make_tomogram(shape, n_particles=n, radii=(4, 7), seed=0).tomogram.astype(np.float32)

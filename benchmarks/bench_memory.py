@@ -145,7 +145,7 @@ def make_case(
     import yaml
 
     from cryosiam_dask.demo import demo_config
-    from cryosiam_dask.testing.synthetic import write_checkpoint
+    from cryosiam_dask.testing.checkpoints import write_checkpoint
 
     for sub in ("data", "lamella", "model"):
         (folder / sub).mkdir(parents=True, exist_ok=True)

@@ -1,3 +1,5 @@
+"""``python -m cryosiam_dask``: the command line."""
+
 from cryosiam_dask.cli import main
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ def write_demo_inputs(
     the tiny architecture, random ones otherwise), ``ground_truth_labels.npy`` (inside the lamella) and
     ``config_instance.yaml``.
     """
-    from cryosiam_dask.testing.synthetic import make_tomogram, write_checkpoint, write_mask_h5, write_mrc
+    from cryosiam_dask.testing.checkpoints import write_checkpoint
+    from cryosiam_dask.testing.synthetic import make_tomogram, write_mask_h5, write_mrc
 
     folder = Path(folder)
     for sub in ("data", "lamella", "model", "predictions"):

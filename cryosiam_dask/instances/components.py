@@ -98,6 +98,7 @@ class Parts:
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> Parts:
+        """The parts of a done record (:meth:`to_arrays`)."""
         faces = {k: np.asarray(a[f"parts_face_{k}"]) for k in _FACES}
         return cls(
             int(a["parts_n"]),
@@ -110,6 +111,7 @@ class Parts:
 
     @classmethod
     def empty(cls, core_shape: tuple[int, ...]) -> Parts:
+        """No parts, for a chunk of `core_shape` without support."""
         z, y, x = core_shape
         planes = {"z": (y, x), "y": (z, x), "x": (z, y)}
         faces = {k: np.zeros(planes[k[0]], np.int32) for k in _FACES}

@@ -55,6 +55,7 @@ class MemoryKeyStore:
     def window_pass(
         self, windows: list[Window], params: PostParams, compute: Compute
     ) -> tuple[list[WindowRecord], int]:
+        """See :meth:`~cryosiam_dask.instances.chunked.KeyStore.window_pass` (every window, persisted)."""
         task = dask.delayed(segment_window, pure=True)
         self._windows = list(
             dask.persist(
@@ -78,6 +79,7 @@ class MemoryKeyStore:
     def large_pass(
         self, large: list[LargeComponent], params: PostParams, compute: Compute
     ) -> tuple[list[np.ndarray], int]:
+        """See :meth:`~cryosiam_dask.instances.chunked.KeyStore.large_pass` (every component, persisted)."""
         task = dask.delayed(component_keys, pure=True)
         self._large = list(
             dask.persist(
@@ -98,6 +100,7 @@ class MemoryKeyStore:
         return list(uniques), len(large)
 
     def keys(self, windows: list[Window], large: list[LargeComponent]) -> da.Array:
+        """See :meth:`~cryosiam_dask.instances.chunked.KeyStore.keys`."""
         arrays = [dask.delayed(operator.itemgetter(0))(t) for t in self._large]
         meta = self.fg._meta.astype(np.uint64)
         blocks = np.empty(self.fg.numblocks, dtype=object)

@@ -31,6 +31,7 @@ __all__ = ["Window", "WindowResult", "as_halo3", "plan_windows", "segment_window
 
 
 def as_halo3(halo: int | tuple[int, int, int]) -> ShapeZYX:
+    """The halo as (z, y, x) ints; ParameterError for anything else."""
     values = (halo,) * 3 if isinstance(halo, (int, np.integer)) else tuple(halo)
     if len(values) != 3 or not all(isinstance(h, (int, np.integer)) and h >= 0 for h in values):
         raise ParameterError("halo", f"must be an int >= 0 or three of them (z, y, x), got {halo!r}")
@@ -63,6 +64,7 @@ class Window:
 
     @property
     def start(self) -> ShapeZYX:
+        """The window's origin in the volume."""
         return tuple(s.start for s in self.window)  # type: ignore[return-value]
 
 

@@ -140,6 +140,7 @@ def _checked_data(info: MrcInfo, data: np.ndarray | None) -> np.ndarray:
 
 
 def conversion_is_current(zarr_path: Path, src: Path) -> bool:
+    """Whether `zarr_path` is our conversion of `src` at its current size and mtime."""
     try:
         group = zarr.open_group(zarr_path, mode="r")
         ours = dict(group.attrs).get(OUR_KEY, {})

@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "InferenceBlock", "InferencePlan", "patch_skip_fraction", "plan_inference", "predict_block",
-    "predict_maps", "run_block", "skipped_fraction",
+    "predict_maps", "run_block",
 ]
 
 
@@ -127,23 +127,6 @@ def predict_block(
 
 
 # --------------------------------------------------------------------------- dask
-def skipped_fraction(mask: da.Array, chunks: tuple[tuple[int, ...], ...] | None = None) -> float:
-    """Fraction of chunks whose mask is all zero (they skip the network).
-
-    Parameters
-    ----------
-    mask : (Z, Y, X) dask.array.Array
-        Lamella mask, 0 = outside.
-    chunks : tuple of tuples, optional
-        Chunking of the outputs (default: the mask's own).
-    """
-    if chunks is not None:
-        mask = mask.rechunk(chunks)
-    empty = mask.map_blocks(lambda b: np.array([[[not np.any(b)]]]), chunks=(1, 1, 1), dtype=bool,
-                            meta=np.empty((0, 0, 0), bool))
-    return float(empty.mean().compute())
-
-
 def patch_skip_fraction(mask: da.Array, patch: ShapeZYX) -> float:
     """Fraction of the original's patches (``exact``) whose kept range lies wholly outside the mask.
 
@@ -156,7 +139,10 @@ def patch_skip_fraction(mask: da.Array, patch: ShapeZYX) -> float:
     return float(empty.mean().compute())
 
 
-def _validate(tomogram, checkpoint_path, tiling, data, batch_size, mask, device, amp):
+def _validate(
+    tomogram: Any, checkpoint_path: str | Path, tiling: str, data: Sequence[Any], batch_size: int,
+    mask: da.Array | None, device: str, amp: str | None,
+) -> None:
     if not isinstance(tomogram, da.Array) or tomogram.ndim != 3:
         raise ParameterError("tomogram", f"must be a 3-D dask array (z, y, x), got {type(tomogram).__name__} "
                              f"with shape {getattr(tomogram, 'shape', None)}")
@@ -200,6 +186,7 @@ class InferenceBlock:
 
     @property
     def region(self) -> tuple[slice, ...]:
+        """The block's slices in the volume."""
         return tuple(slice(a, a + n) for a, n in zip(self.start, self.shape, strict=True))
 
 
@@ -215,8 +202,11 @@ class InferencePlan:
     task_kwargs: dict[str, Any]
 
 
-def run_block(blocks, mask, *, block: InferenceBlock, checkpoint_path, device, amp, tf32, batch_size, size,
-              shape, norm) -> np.ndarray:
+def run_block(
+    blocks: Sequence[tuple[np.ndarray, tuple[int, ...]]], mask: np.ndarray | None, *, block: InferenceBlock,
+    checkpoint_path: str, device: str, amp: str | None, tf32: bool, batch_size: int, size: ShapeZYX,
+    shape: ShapeZYX, norm: dict[str, float],
+) -> np.ndarray:
     """One inference block: zeros where the mask is all zero, else window -> network -> kept parts x mask.
 
     `blocks` are ``(tomogram block, offset)`` pairs (:attr:`InferenceBlock.reads`); returns
@@ -236,7 +226,7 @@ def run_block(blocks, mask, *, block: InferenceBlock, checkpoint_path, device, a
     return out if mask is None else out * mask
 
 
-def _norm(tomogram, data) -> dict[str, float]:
+def _norm(tomogram: da.Array, data: Sequence[float | None]) -> dict[str, float]:
     a_min, a_max, mean, std = data
     if mean is None or std is None:
         vmean, vstd = volume_stats(tomogram, a_min=a_min, a_max=a_max)
@@ -245,7 +235,10 @@ def _norm(tomogram, data) -> dict[str, float]:
     return {"a_min": float(a_min), "a_max": float(a_max), "mean": float(mean), "std": float(std)}
 
 
-def _block_edges(shape, chunks, patch, tiling, margin, window, block_ranges) -> list[list[int]]:
+def _block_edges(
+    shape: ShapeZYX, chunks: tuple[tuple[int, ...], ...], patch: ShapeZYX, tiling: str, margin: int,
+    window: int, block_ranges: int | None,
+) -> list[list[int]]:
     """Inference-grid edges per axis: exact, the kept-range grid (each patch once); fast, a core per block."""
     if tiling == "exact":
         edges = [np.cumsum((0,) + tuple(c)).tolist() for c in chunks]

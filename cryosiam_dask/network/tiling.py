@@ -25,6 +25,7 @@ the plans.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -212,5 +213,5 @@ def _reads(lo: int, hi: int, w0: int, w1: int, size: int, n: int) -> bool:
     return any(src < hi and src + (b - a) > lo for a, b, src in _segments(w0, w1, size, n))
 
 
-def _window_slices(job, w0) -> tuple[slice, ...]:
+def _window_slices(job: Sequence[Sequence[int]], w0: Sequence[int]) -> tuple[slice, ...]:
     return tuple(slice(p[0] - o, p[0] - o + p[1]) for p, o in zip(job, w0, strict=True))

@@ -54,6 +54,7 @@ class OpenedInput:
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """The tomogram's (Z, Y, X) shape."""
         return tuple(int(n) for n in self.tomogram.data.shape)  # type: ignore[return-value]
 
 

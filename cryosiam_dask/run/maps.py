@@ -51,6 +51,7 @@ class Maps:
     report: dict[str, Any]
 
     def arrays(self) -> tuple[da.Array, da.Array, da.Array]:
+        """Foreground, distance, boundary."""
         return self.foreground, self.distance, self.boundary
 
 

@@ -48,6 +48,7 @@ class _Sampler:
         raise NotImplementedError
 
     def __enter__(self) -> _Sampler:
+        """Take one sample now."""
         self.sample()
         self._thread.start()
         return self
@@ -67,6 +68,7 @@ class DiskPeak(_Sampler):
         self.peak = 0
 
     def sample(self) -> None:
+        """Take one sample now."""
         self.peak = max(self.peak, tree_bytes(self.folder))
 
 
@@ -96,6 +98,7 @@ class PausedWatchdog(_Sampler):
         self.fired = False
 
     def sample(self) -> None:
+        """Take one sample now."""
         try:
             info = self.workers()
         except Exception:  # the client is closing: nothing to watch

@@ -38,6 +38,7 @@ class Abort:
     error: BaseException | None = None
 
     def stop(self, error: BaseException) -> None:
+        """Stop every chain of the run with `error` (the first error wins)."""
         if self.error is None:
             self.error = error
         self.event.set()

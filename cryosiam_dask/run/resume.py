@@ -64,12 +64,15 @@ class ChunkMarkers:
         self.stage = stage
 
     def path(self, index: tuple[int, ...]) -> Path:
+        """The marker file of chunk `index`."""
         return self.folder / (".".join(str(int(i)) for i in index) + ".npz")
 
     def done(self, index: tuple[int, ...]) -> bool:
+        """Whether chunk `index` has its marker."""
         return self.path(index).is_file()
 
     def count(self) -> int:
+        """Number of chunks with a marker."""
         return len(list(self.folder.glob("*.npz"))) if self.folder.is_dir() else 0
 
     def load(self, index: tuple[int, ...]) -> dict[str, np.ndarray] | None:
@@ -91,6 +94,7 @@ class ChunkMarkers:
         os.replace(tmp, final)
 
     def clear(self) -> None:
+        """Remove every marker (their data is about to be rewritten)."""
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

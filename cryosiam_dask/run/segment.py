@@ -134,6 +134,7 @@ class ZarrKeyStore:
     def window_pass(
         self, windows: list[Window], params: PostParams, compute: Compute
     ) -> tuple[list[WindowRecord], int]:
+        """See :meth:`~cryosiam_dask.instances.chunked.KeyStore.window_pass` (done windows reused)."""
         task = dask.delayed(_window_to_store, pure=False)
         todo = [w for w in windows if not self.records.done(w.index)]
         if len(todo) < len(windows):
@@ -166,6 +167,7 @@ class ZarrKeyStore:
     def large_pass(
         self, large: list[LargeComponent], params: PostParams, compute: Compute
     ) -> tuple[list[np.ndarray], int]:
+        """See :meth:`~cryosiam_dask.instances.chunked.KeyStore.large_pass` (done components reused)."""
         task = dask.delayed(_large_to_store, pure=False)
         tasks, records = [], []
         self.pieces = []
@@ -200,6 +202,7 @@ class ZarrKeyStore:
         return [rec.load((n,))["unique"] for n, rec in enumerate(records)], len(tasks)  # type: ignore[index]
 
     def keys(self, windows: list[Window], large: list[LargeComponent]) -> da.Array:
+        """See :meth:`~cryosiam_dask.instances.chunked.KeyStore.keys` (read from the store)."""
         keys = da.from_zarr(self.key_array, chunks=self.fg.chunks)
         if not self.pieces:
             return keys

@@ -59,6 +59,7 @@ class TomogramFailure:
     error: BaseException
 
     def line(self) -> str:
+        """``<stem> (<file>), stage <stage>: <cause>`` on one line."""
         text = " ".join(str(self.error).splitlines()) or type(self.error).__name__
         where = "" if text.startswith("stage ") else f", stage {self.stage}"
         return f"{self.stem} ({self.path.name}){where}: {text}"
@@ -76,6 +77,7 @@ class RunSummary:
     wall_s: float = 0.0
 
     def line(self) -> str:
+        """``<n> done, <n> failed, <n> skipped; work dir peak <size>``."""
         from dask.utils import format_bytes
 
         return (
@@ -91,6 +93,7 @@ class _Stage:
         self.name, self.timings = "inputs", timings
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Run `fn` as stage `name` and record its seconds."""
         self.name = name
         t0 = time.perf_counter()
         out = fn()

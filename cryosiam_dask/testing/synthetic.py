@@ -2,8 +2,8 @@
 
 The volumes imitate CryoSiam's instance input (the denoised, inverted, [0, 1]-scaled tomogram): bright
 particles with smooth profiles on a dark background plus smooth noise. Everything is (z, y, x) and
-deterministic by seed. This module does not import torch; :func:`write_checkpoint` loads the model code
-only when called.
+deterministic by seed. This module does not import torch (checkpoints are written by
+:mod:`cryosiam_dask.testing.checkpoints`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ __all__ = [
     "SyntheticTomogram",
     "make_large_mrc",
     "make_tomogram",
-    "write_checkpoint",
     "write_mask_h5",
     "write_mrc",
 ]
@@ -295,10 +294,3 @@ def make_large_mrc(
             mrc.flush()
         mrc.voxel_size = voxel_size
     return path
-
-
-def write_checkpoint(*args, **kwargs):
-    """Write a CryoSiam-layout checkpoint with ``synthetic_model.write_checkpoint`` (imports torch)."""
-    from cryosiam_dask.testing.checkpoints import write_checkpoint as _write_checkpoint
-
-    return _write_checkpoint(*args, **kwargs)

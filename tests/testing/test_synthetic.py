@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import h5py
 import mrcfile
 import numpy as np
@@ -108,18 +106,6 @@ def test_make_large_mrc(tmp_path):
         assert 0.0 <= ma.data.min() and ma.data.max() < 1.0
         assert np.unique(np.asarray(ma.data)).size > 3000
         assert float(ma.voxel_size.x) == 10.0
-
-
-def test_write_checkpoint_delegates(tmp_path, monkeypatch):
-    import types
-
-    from cryosiam_dask.testing import synthetic
-    calls = []
-    fake = types.ModuleType("cryosiam_dask.testing.checkpoints")
-    fake.write_checkpoint = lambda *a, **k: calls.append((a, k)) or "done"
-    monkeypatch.setitem(sys.modules, "cryosiam_dask.testing.checkpoints", fake)
-    assert synthetic.write_checkpoint(tmp_path / "x.ckpt", arch="tiny") == "done"
-    assert calls == [((tmp_path / "x.ckpt",), {"arch": "tiny"})]
 
 
 @pytest.mark.slow
