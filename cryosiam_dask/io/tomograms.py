@@ -135,7 +135,7 @@ def open_tomogram(
 
     Examples
     --------
-    >>> from cryosiam_dask.synthetic import make_tomogram, write_mrc
+    >>> from cryosiam_dask.testing.synthetic import make_tomogram, write_mrc
     >>> src = write_mrc(tmp / "TS_01.mrc", make_tomogram((32, 48, 48)).tomogram, voxel_size=10.0)
     >>> tomo = open_tomogram(src, work_dir=tmp / "work", chunk_size=(16, 32, 32))
     >>> tomo.data.chunksize, tomo.voxel_size, tomo.stem

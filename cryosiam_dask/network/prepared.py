@@ -353,7 +353,7 @@ def prepare(
     Parameters
     ----------
     model : InstanceNetwork
-        From :func:`cryosiam_dask.model.build_model` (eval mode; its running BN statistics are folded).
+        From :func:`~cryosiam_dask.network.model.build_model` (eval mode; running BN statistics folded).
         Not modified.
     channels_last : bool, default False
         Store weights in ``torch.channels_last_3d`` and run activations in it (same results to ~1e-7, faster

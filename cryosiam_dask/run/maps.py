@@ -143,8 +143,9 @@ def _store_dir(inputs: InputSettings, stem: str, key: str) -> Path:
 
 
 def _block_tasks(item: OpenedInput, network: NetworkSettings, targets: list[Any], markers: Any,
-                 key: str) -> tuple[list[Any], int]:
-    """The write tasks of the inference blocks not yet done, and the number of blocks."""
+                 key: str, inside: np.ndarray | None) -> tuple[list[Any], int, int]:
+    """The write tasks of the inference blocks not yet done, the number of blocks, and how many of them lay
+    wholly outside the lamella (`inside`: per storage chunk, any mask voxel; those get a marker, no task)."""
     data = item.tomogram.data
     p = plan_inference(data, network.checkpoint, mask=item.mask, **network.predict_kwargs())
     source = zarr_source(data)
@@ -153,9 +154,13 @@ def _block_tasks(item: OpenedInput, network: NetworkSettings, targets: list[Any]
     # one graph key for the mask reader: each task reads its own block of the mask, no pieces held in memory
     mask = None if item.mask_reader is None else dask.delayed(item.mask_reader, pure=True)
     task = dask.delayed(_block_to_store, pure=False)
-    tasks = []
+    tasks, outside = [], 0
     for b in p.blocks:
         if markers.done(b.index):
+            continue
+        if inside is not None and not inside[_chunks_of(b, edges)].any():
+            markers.save(b.index)  # wholly outside the lamella: its maps are the store's zeros
+            outside += 1
             continue
         if source is not None:
             reads = [(tuple(slice(e[k], e[k + 1]) for e, k in zip(edges, j, strict=True)), off)
@@ -166,7 +171,26 @@ def _block_tasks(item: OpenedInput, network: NetworkSettings, targets: list[Any]
         tasks.append(task(source, mask, reads=reads, block=b,
                           kwargs=p.task_kwargs, targets=targets, markers=markers,
                           locks=markers.folder.parent / "locks", dask_key_name=name))
-    return tasks, len(p.blocks)
+    return tasks, len(p.blocks), outside
+
+
+def _chunks_of(block: InferenceBlock, edges: list[list[int]]) -> tuple[slice, ...]:
+    """The storage chunks (index slices) that an inference block overlaps."""
+    out = []
+    for e, a, n in zip(edges, block.start, block.shape, strict=True):
+        lo = int(np.searchsorted(e, a, side="right")) - 1
+        hi = int(np.searchsorted(e, a + n, side="left"))
+        out.append(slice(lo, hi))
+    return tuple(out)
+
+
+def _mask_inside(mask: da.Array | None, lane: Lane) -> np.ndarray | None:
+    """Per storage chunk, whether the lamella mask has any voxel there (each mask chunk read once)."""
+    if mask is None:
+        return None
+    flags = mask.map_blocks(lambda b: np.array(np.any(b)).reshape(1, 1, 1), chunks=(1, 1, 1), dtype=bool,
+                            meta=np.empty((0, 0, 0), bool))
+    return np.asarray(lane.compute(flags)[0])
 
 
 def _reuse_raw(item: OpenedInput, network: NetworkSettings, inputs: InputSettings,
@@ -200,16 +224,18 @@ def predict_one(
         resume.open_chunked(store, name, shape=item.shape, chunks=chunks, dtype=np.float32, markers=markers)
         for name in MAP_NAMES
     ]
-    tasks, n_blocks = _block_tasks(item, network, targets, markers, key)
-    if len(tasks) < n_blocks:
+    inside = None if _complete(markers) else _mask_inside(item.mask, lane)
+    tasks, n_blocks, outside = _block_tasks(item, network, targets, markers, key, inside)
+    todo = len(tasks) + outside
+    if todo < n_blocks:
         logger.info("%s: maps: %d of %d inference blocks done in an earlier run", item.stem,
-                    n_blocks - len(tasks), n_blocks)
-    skipped = sum(lane.compute(*tasks, network=True))
-    report: dict[str, Any] = {"maps_blocks": n_blocks, "maps_blocks_computed": len(tasks)}
-    if item.mask is not None and tasks:
-        report["blocks_skipped_outside_mask"] = skipped / len(tasks)
+                    n_blocks - todo, n_blocks)
+    skipped = outside + sum(lane.compute(*tasks, network=True))
+    report: dict[str, Any] = {"maps_blocks": n_blocks, "maps_blocks_computed": todo}
+    if item.mask is not None and todo:
+        report["blocks_skipped_outside_mask"] = skipped / todo
         logger.info("%s: %d of %d inference blocks lie outside the lamella and skipped the network",
-                    item.stem, skipped, len(tasks))
+                    item.stem, skipped, todo)
         if skipped == n_blocks:
             logger.warning("%s: the lamella mask is all zero: no instances will be found", item.stem)
     _mark_complete(markers, n_blocks)

@@ -431,6 +431,7 @@ def test_constant_tomogram_zero_instances_and_warning(tmp_path, client, caplog):
 
 
 def test_integer_and_half_mrc_modes_work(tmp_path, client):
+    """Each MRC mode is read exactly: its instances equal those of the same values stored as float32."""
     _case(tmp_path)
     x = _tomogram(tmp_path)
     volumes = {
@@ -439,12 +440,19 @@ def test_integer_and_half_mrc_modes_work(tmp_path, client):
         "TS_uint16": np.round(x * 1000).astype(np.uint16),
         "TS_float16": x.astype(np.float16),
     }
-    results = instance_predict(load_config(_write_case(tmp_path, volumes)), client=client)
-    by_stem = {r.stem: r for r in results}
-    assert set(by_stem) == set(volumes)
-    assert by_stem["TS_float16"].n_instances > 0  # same scale as the float32 demo: particles are found
-    for stem in volumes:
-        assert (tmp_path / "predictions" / f"{stem}_instance_preds.h5").is_file()
+    volumes |= {f"{stem}-as-float32": v.astype(np.float32) for stem, v in volumes.items()}
+    cfg = _write_case(tmp_path, volumes)
+    text = yaml.safe_load(cfg.read_text())
+    text["parameters"]["data"].update(min=0, max=1000)  # the integer modes' range: not clipped to [0, 1]
+    cfg.write_text(yaml.safe_dump(text))
+    results = {r.stem: r for r in instance_predict(load_config(cfg), client=client)}
+    assert set(results) == set(volumes)
+    for stem in ("TS_int8", "TS_int16", "TS_uint16", "TS_float16"):
+        out = tmp_path / "predictions"
+        labels = _outputs(out, stem)["instances"]
+        as_float32 = _outputs(out, f"{stem}-as-float32")["instances"]
+        assert np.array_equal(labels, as_float32), stem
+    assert results["TS_int16"].n_instances > 0 and results["TS_uint16"].n_instances > 0
 
 
 def test_smaller_than_patch_and_thin_slab_work(tmp_path, client):
