@@ -37,6 +37,16 @@ def _combine(keys: Any, region: tuple[slice, ...], crops: list[Any], *arrays: An
     return combine_keys(keys, region, list(zip(arrays, crops, strict=True)))
 
 
+def _persisted(fn: Any, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], store: Any,
+               params: PostParams) -> list[Any]:
+    """One persisted task of `fn` per ``((region,), kwargs)``: the maps on the region, the volume's shape."""
+    task = dask.delayed(fn, pure=True)
+    return list(dask.persist(*[
+        task(store.fg[region], store.dist[region], shape=store.shape, params=params, **kw)
+        for (region,), kw in calls
+    ]))
+
+
 class MemoryKeyStore:
     """Keys persisted on the cluster: one task per window and per large component, no files.
 
@@ -56,22 +66,10 @@ class MemoryKeyStore:
         self, windows: list[Window], params: PostParams, compute: Compute
     ) -> tuple[list[WindowRecord], int]:
         """See :meth:`~cryosiam_dask.instances.chunked.KeyStore.window_pass` (every window, persisted)."""
-        task = dask.delayed(segment_window, pure=True)
-        self._windows = list(
-            dask.persist(
-                *[
-                    task(
-                        self.fg[w.window],
-                        self.dist[w.window],
-                        start=w.start,
-                        core=w.core,
-                        cut=w.cut,
-                        shape=self.shape,
-                        params=params,
-                    )
-                    for w in windows
-                ]
-            )
+        self._windows = _persisted(
+            segment_window,
+            [((w.window,), dict(start=w.start, core=w.core, cut=w.cut)) for w in windows],
+            self, params,
         )
         records = compute(*[dask.delayed(_record)(t) for t in self._windows])
         return list(records), len(windows)
@@ -80,21 +78,8 @@ class MemoryKeyStore:
         self, large: list[LargeComponent], params: PostParams, compute: Compute
     ) -> tuple[list[np.ndarray], int]:
         """See :meth:`~cryosiam_dask.instances.chunked.KeyStore.large_pass` (every component, persisted)."""
-        task = dask.delayed(component_keys, pure=True)
-        self._large = list(
-            dask.persist(
-                *[
-                    task(
-                        self.fg[lc.crop],
-                        self.dist[lc.crop],
-                        crop=lc.crop,
-                        seed=lc.seed,
-                        shape=self.shape,
-                        params=params,
-                    )
-                    for lc in large
-                ]
-            )
+        self._large = _persisted(
+            component_keys, [((lc.crop,), dict(crop=lc.crop, seed=lc.seed)) for lc in large], self, params
         )
         uniques = compute(*[dask.delayed(operator.itemgetter(1))(t) for t in self._large])
         return list(uniques), len(large)

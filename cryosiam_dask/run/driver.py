@@ -193,7 +193,7 @@ def instance_predict(
         )
         settings = RunSettings.from_config(config, device=device, patch_size=patch_size)
         with resume.record_stores() as used:
-            summary = _run(settings, pairs, config, device, client, processes, handler, held)
+            summary = _run(settings, pairs, client, processes, handler, held)
         stems = [stem for _, stem in pairs]
         collect_stale_stores(settings.inputs.work_dir, stems, held, used, settings.inputs.work_dir_cleanup)
         logger.info("instance_predict: %s", summary.line())
@@ -262,27 +262,25 @@ def _cleanup_now(settings: RunSettings, held: dict[str, WorkDirLock]) -> Any:
 def _run(
     settings: RunSettings,
     pairs: list[tuple[Path, str]],
-    config: InstanceConfig,
-    device: str,
     client: Any,
     processes: bool,
     handler: logging.Handler | None,
     held: dict[str, WorkDirLock],
 ) -> RunSummary:
-    """The dataset on ``client``, or on the cluster of the config's settings (started and closed here)."""
+    """The dataset on ``client``, or on the cluster of the settings (started and closed here)."""
     from cryosiam_dask.run.cluster import plan_cluster, start_client
 
-    s = config.cryosiam_dask
     if client is not None:
-        return _stream(settings, pairs, s, client, held)
+        return _stream(settings, pairs, client, held)
+    c = settings.cluster
     plan = plan_cluster(
-        device=device,
-        scheduler_address=s.scheduler_address,
-        n_workers=s.n_workers,
-        threads_per_worker=s.threads_per_worker,
-        memory_limit=s.memory_limit,
-        gpu_devices=config.parameters.gpu_devices,
-        dashboard_address=s.dashboard_address,
+        device=c.device,
+        scheduler_address=c.scheduler_address,
+        n_workers=c.n_workers,
+        threads_per_worker=c.threads_per_worker,
+        memory_limit=c.memory_limit,
+        gpu_devices=c.gpu_devices,
+        dashboard_address=c.dashboard_address,
     )
     log_file = getattr(handler, "baseFilename", None)
     worker_log = (
@@ -291,10 +289,10 @@ def _run(
         else None
     )
     with start_client(plan, processes=processes, worker_log=worker_log) as started:
-        return _stream(settings, pairs, s, started, held)
+        return _stream(settings, pairs, started, held)
 
 
-def _stream(settings: RunSettings, pairs: list[tuple[Path, str]], s: Any, client: Any,
+def _stream(settings: RunSettings, pairs: list[tuple[Path, str]], client: Any,
             held: dict[str, WorkDirLock]) -> RunSummary:
     """:func:`run_dataset` on `client`, with the memory watchdog and the work dir's peak."""
     from dataclasses import replace
@@ -303,6 +301,7 @@ def _stream(settings: RunSettings, pairs: list[tuple[Path, str]], s: Any, client
     from cryosiam_dask.run.monitor import DiskPeak, PausedWatchdog
     from cryosiam_dask.run.progress import Abort
 
+    s = settings.cluster
     workers = client.scheduler_info(n_workers=-1)["workers"]
     resources = resources_of(workers)
     if resources.host is not None and settings.instances.device != "cpu":

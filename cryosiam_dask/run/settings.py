@@ -18,6 +18,7 @@ from cryosiam_dask.instances.params import PostParams
 
 __all__ = [
     "CONFIG_KEYS",
+    "ClusterSettings",
     "InputSettings",
     "InstanceSettings",
     "NetworkSettings",
@@ -117,6 +118,22 @@ class OutputSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """Where the run's tasks go and how the dataset is streamed (the cluster started or attached to)."""
+
+    device: str
+    scheduler_address: str | None
+    n_workers: int | None
+    threads_per_worker: int | None
+    memory_limit: Any
+    gpu_devices: Any
+    dashboard_address: str | None
+    tomograms_in_flight: int | None
+    """None: the cluster's workers + 1, at least 2."""
+    paused_timeout: float
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """Everything a run needs, per stage; built once by :meth:`from_config`."""
 
@@ -124,6 +141,7 @@ class RunSettings:
     network: NetworkSettings
     instances: InstanceSettings
     outputs: OutputSettings
+    cluster: ClusterSettings
 
     @classmethod
     def from_config(
@@ -159,6 +177,17 @@ class RunSettings:
                 semantic_predictions=config.semantic_predictions,
                 semantic_foreground_labels=tuple(labels) if labels else None,
                 device=device,
+            ),
+            cluster=ClusterSettings(
+                device=device,
+                scheduler_address=s.scheduler_address,
+                n_workers=s.n_workers,
+                threads_per_worker=s.threads_per_worker,
+                memory_limit=s.memory_limit,
+                gpu_devices=config.parameters.gpu_devices,
+                dashboard_address=s.dashboard_address,
+                tomograms_in_flight=s.tomograms_in_flight,
+                paused_timeout=s.paused_timeout,
             ),
             outputs=OutputSettings(
                 prediction_folder=config.prediction_folder,
