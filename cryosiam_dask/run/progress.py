@@ -19,7 +19,6 @@ import dask
 PROGRESS = {"on": False}
 """Set ``PROGRESS["on"] = True`` for a progress bar on stderr (single-tomogram runs only)."""
 
-POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -81,23 +80,37 @@ class Lane:
             return dask.compute(*objs)
 
     def _wait(self, client: Any, futures: list[Any]) -> list[Any]:
-        from distributed import wait
-        from distributed.utils import TimeoutError as DaskTimeout
+        """The futures' results in order; each future is released as soon as its result is here, so the
+        workers forget the task (and the arguments it holds) instead of keeping every task of a stage."""
+        import time
 
-        while True:
+        from distributed import as_completed
+
+        results: list[Any] = [None] * len(futures)
+        slots: dict[Any, list[int]] = {}
+        for i, f in enumerate(futures):
+            slots.setdefault(f.key, []).append(i)
+        pending = {f.key: f for f in futures}
+        futures = []  # only `pending` holds them now: released ones can go
+        done = as_completed(list(pending.values()))
+        while pending:
             if self.abort.event.is_set():
-                client.cancel(futures)
+                client.cancel(list(pending.values()))
                 raise self.abort.error  # type: ignore[misc]
-            try:
-                wait(futures, timeout=POLL_S)
-            except (DaskTimeout, TimeoutError):
-                if not any(f.status == "error" for f in futures):
-                    continue
-            failed = [f for f in futures if f.status == "error"]
-            if failed:  # the first failure's own exception, not a cancelled sibling's
-                client.cancel([f for f in futures if not f.done()])
-                client.gather(failed[:1])
-            return client.gather(futures)
+            batch = done.next_batch(block=False)
+            if not batch:
+                time.sleep(0.05)
+                continue
+            for f in batch:
+                if f.status == "error":  # the first failure's own exception, not a cancelled sibling's
+                    client.cancel([g for g in pending.values() if not g.done()])
+                    f.result()
+                value = f.result()
+                for i in slots[f.key]:
+                    results[i] = value
+                pending.pop(f.key, None)
+                f.release()
+        return results
 
 
 DEFAULT_LANE = Lane()
