@@ -7,32 +7,36 @@ import os
 import platform
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from cryosiam_dask.run.monitor import Sampler
 
-class PeakRSS:
-    """Sample the summed RSS of this process and all its children (dask workers) every ``interval`` s.
+
+class PeakRSS(Sampler):
+    """Sample the summed RSS of a process (default: this one) and all its children (dask workers) every
+    ``interval`` s.
 
     Use as a context manager; ``peak`` (bytes) is the largest sum seen, ``per_process`` the largest RSS of
     each process seen (pid -> bytes).
     """
 
-    def __init__(self, interval: float = 0.05) -> None:
-        self.interval = interval
+    def __init__(self, interval: float = 0.05, pid: int | None = None) -> None:
+        super().__init__(interval)
+        self.pid = pid
         self.peak = 0
         self.per_process: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> None:
-        me = psutil.Process()
+    def sample(self) -> None:
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:  # the process has ended
+            return
         total = 0
-        for p in [me, *me.children(recursive=True)]:
+        for p in procs:
             try:
                 rss = p.memory_info().rss
             except psutil.Error:
@@ -41,20 +45,10 @@ class PeakRSS:
             self.per_process[p.pid] = max(self.per_process.get(p.pid, 0), rss)
         self.peak = max(self.peak, total)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
+    @property
+    def largest(self) -> int:
+        """The largest RSS of one process seen (bytes)."""
+        return max(self.per_process.values(), default=0)
 
 
 def machine() -> dict[str, Any]:

@@ -24,51 +24,16 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
-from benchmarks._common import table, write_results
+from benchmarks._common import PeakRSS, table, write_results
 from benchmarks.bench_exact import POST, f1_at, instances, lamella_mask, run_baseline
 
 RUNS = ["exact:default", "exact:whole", "exact:32,64,64", "fast:default"]
-
-
-class TreeRSS:
-    """Peak RSS of a process and its children (largest single process and the sum), sampled."""
-
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
-        self.pid, self.interval, self.largest, self.total = pid, interval, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                root = psutil.Process(self.pid)
-                procs = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                continue
-            sizes = []
-            for p in procs:
-                try:
-                    sizes.append(p.memory_info().rss)
-                except psutil.Error:
-                    pass
-            if sizes:
-                self.largest, self.total = max(self.largest, max(sizes)), max(self.total, sum(sizes))
-
-    def __enter__(self) -> TreeRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def write_case(folder: Path, volume: np.ndarray, mask: np.ndarray, ckpt: Path) -> Path:
@@ -101,7 +66,7 @@ def run_cli(config: Path, tiling: str, chunks: str) -> dict[str, Any]:
         cmd += ["--chunk-size", *chunks.split(",")]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with TreeRSS(proc.pid) as mem:
+    with PeakRSS(interval=0.1, pid=proc.pid) as mem:
         _, err = proc.communicate()
     wall = time.perf_counter() - t0
     if proc.returncode:
@@ -111,7 +76,7 @@ def run_cli(config: Path, tiling: str, chunks: str) -> dict[str, Any]:
     with h5py.File(out / "TS_bench_instance_preds.h5", "r") as f:
         labels = f["instances"][...]
     return {"run": tiling, "chunks": chunks, "wall_s": wall, "largest_rss": mem.largest,
-            "tree_rss": mem.total, "stages": stages, "labels": labels}
+            "tree_rss": mem.peak, "stages": stages, "labels": labels}
 
 
 def _shape_of(config: Path) -> tuple[int, ...]:

@@ -27,6 +27,7 @@ import psutil
 
 from benchmarks._common import table, write_results
 from benchmarks.bench_exact import lamella_mask
+from cryosiam_dask.run.monitor import tree_bytes
 
 
 def write_dataset(folder: Path, n: int, shape: tuple[int, ...], ckpt: Path, lamella: float) -> Path:
@@ -51,17 +52,6 @@ def write_dataset(folder: Path, n: int, shape: tuple[int, ...], ckpt: Path, lame
     return path
 
 
-def _tree_bytes(folder: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
-
-
 def run(config: Path, src: Path | None, flags: list[str]) -> dict[str, Any]:
     """The CLI on the dataset (with `src` first on PYTHONPATH when given), watched while it runs.
 
@@ -83,7 +73,7 @@ def run(config: Path, src: Path | None, flags: list[str]) -> dict[str, Any]:
         while not stop.wait(0.2):
             if not seen["first"] and any(out.glob("*_instance_preds.h5")):
                 seen["first"] = time.perf_counter() - t0
-            seen["disk"] = max(seen["disk"], _tree_bytes(out / ".cryosiam_dask"))
+            seen["disk"] = max(seen["disk"], tree_bytes(out / ".cryosiam_dask"))
             try:
                 seen["rss"] = max(seen["rss"], psutil.Process(proc.pid).memory_info().rss)
             except psutil.Error:
@@ -131,7 +121,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ckpt = write_checkpoint(Path(tmp) / "ckpt.ckpt", arch=args.arch, patch_size=patch, engineered=True,
                                 random_part=0.05)
         template = write_dataset(Path(tmp) / "template", args.n, shape, ckpt, args.lamella)
-        inputs = _tree_bytes(template.parent / "data") + _tree_bytes(template.parent / "lamella")
+        inputs = tree_bytes(template.parent / "data") + tree_bytes(template.parent / "lamella")
         variants = [("this checkout", None, []),
                     ("this checkout, work_dir_cleanup all", None, ["--work-dir-cleanup", "all"])]
         if args.compare_src is not None:

@@ -184,7 +184,7 @@ class _StageMarks(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if isinstance(record.msg, str) and record.msg.startswith("stage ") and record.args:
-            self.mem._sample()
+            self.mem.sample()
             self.marks[str(record.args[0])] = dict(self.mem.per_process)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,12 +110,10 @@ def write_region(values: np.ndarray, targets: list[Any], start: tuple[int, ...],
                     for a, b, i, c, n in zip(lo, hi, index, chunks, shape, strict=True))
         dst = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         src = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True))
-        if whole:
-            for target, v in zip(targets, values, strict=True):
-                target[dst] = v[src]
-            continue
-        locks.mkdir(parents=True, exist_ok=True)
-        with FileLock(locks / f"{'.'.join(map(str, index))}.lock"):
+        if not whole:
+            locks.mkdir(parents=True, exist_ok=True)
+        lock = nullcontext() if whole else FileLock(locks / f"{'.'.join(map(str, index))}.lock")
+        with lock:
             for target, v in zip(targets, values, strict=True):
                 target[dst] = v[src]
 
@@ -224,6 +223,7 @@ def predict_one(
         resume.open_chunked(store, name, shape=item.shape, chunks=chunks, dtype=np.float32, markers=markers)
         for name in MAP_NAMES
     ]
+    # asked again: open_chunked clears the markers (and the flag) of a store it had to recreate
     inside = None if _complete(markers) else _mask_inside(item.mask, lane)
     tasks, n_blocks, outside = _block_tasks(item, network, targets, markers, key, inside)
     todo = len(tasks) + outside

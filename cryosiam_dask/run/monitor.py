@@ -16,7 +16,7 @@ from typing import Any
 
 from cryosiam_dask.errors import ClusterError
 
-__all__ = ["DiskPeak", "PausedWatchdog", "tree_bytes"]
+__all__ = ["DiskPeak", "PausedWatchdog", "Sampler", "tree_bytes"]
 
 
 def tree_bytes(folder: Path) -> int:
@@ -32,8 +32,9 @@ def tree_bytes(folder: Path) -> int:
     return total
 
 
-class _Sampler:
-    """Calls :meth:`sample` every `interval` seconds on a daemon thread while the context is open."""
+class Sampler:
+    """Calls :meth:`sample` every `interval` seconds on a daemon thread while the context is open (and once
+    at each end); subclasses define :meth:`sample`."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
@@ -45,10 +46,10 @@ class _Sampler:
             self.sample()
 
     def sample(self) -> None:  # pragma: no cover - overridden
+        """Take one sample now."""
         raise NotImplementedError
 
-    def __enter__(self) -> _Sampler:
-        """Take one sample now."""
+    def __enter__(self) -> Sampler:
         self.sample()
         self._thread.start()
         return self
@@ -59,7 +60,7 @@ class _Sampler:
         self.sample()
 
 
-class DiskPeak(_Sampler):
+class DiskPeak(Sampler):
     """The largest size of `folder` seen while open (sampled every `interval` seconds and at both ends)."""
 
     def __init__(self, folder: Path, interval: float = 2.0) -> None:
@@ -72,7 +73,7 @@ class DiskPeak(_Sampler):
         self.peak = max(self.peak, tree_bytes(self.folder))
 
 
-class PausedWatchdog(_Sampler):
+class PausedWatchdog(Sampler):
     """Calls ``stop(ClusterError)`` once every worker has been paused for `timeout` seconds.
 
     Parameters

@@ -114,8 +114,4 @@ class Lane:
 
 
 DEFAULT_LANE = Lane()
-
-
-def compute(*objs: Any) -> tuple[Any, ...]:
-    """``dask.compute`` on the default lane (no priority, any worker)."""
-    return DEFAULT_LANE.compute(*objs)
+"""No priority, any worker: for stage functions called outside a dataset run (tests, notebooks)."""

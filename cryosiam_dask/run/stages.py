@@ -73,8 +73,6 @@ class RunSummary:
     failed: list[TomogramFailure] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     work_dir_peak_bytes: int = 0
-    first_output_s: float | None = None
-    wall_s: float = 0.0
 
     def line(self) -> str:
         """``<n> done, <n> failed, <n> skipped; work dir peak <size>``."""
@@ -87,10 +85,10 @@ class RunSummary:
 
 
 class _Stage:
-    """Names the running stage of a chain (for the failure line) and times it."""
+    """Names the running stage of a chain (for the failure line), times it and logs its end."""
 
-    def __init__(self, timings: dict[str, float]) -> None:
-        self.name, self.timings = "inputs", timings
+    def __init__(self, stem: str) -> None:
+        self.name, self.stem, self.timings = "inputs", stem, {}
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
         """Run `fn` as stage `name` and record its seconds."""
@@ -98,6 +96,7 @@ class _Stage:
         t0 = time.perf_counter()
         out = fn()
         self.timings[name] = round(time.perf_counter() - t0, 3)
+        logger.info("stage %-9s %8.2f s (%s)", name, self.timings[name], self.stem)
         return out
 
 
@@ -127,7 +126,7 @@ def _chain(
     """:func:`run_tomogram` with its failure mapped to one line; None when the run was stopped before it."""
     if lane.abort.event.is_set():
         return None
-    stage = _Stage({})
+    stage = _Stage(stem)
     try:
         return run_tomogram(settings, path, stem, lane, stage)
     except BaseException as e:
@@ -158,7 +157,7 @@ def run_dataset(
     a tomogram's own failure is in the summary instead.
     """
     abort = abort or Abort()
-    summary, n, t0 = RunSummary(), len(files), time.perf_counter()
+    summary, n = RunSummary(), len(files)
     lanes = [
         Lane(priority=-i, resources=resources or Resources(), abort=abort, progress=n == 1) for i in range(n)
     ]
@@ -178,7 +177,6 @@ def run_dataset(
                 summary.failed.append(out)
                 logger.error("%s (%d of %d)", out.line(), len(summary.done) + len(summary.failed), n)
             else:
-                summary.first_output_s = summary.first_output_s or time.perf_counter() - t0
                 summary.done.append(out)
                 logger.info(
                     "%s done: %d instances (%d of %d)",
@@ -189,7 +187,6 @@ def run_dataset(
                 )
                 if on_done is not None:
                     on_done(out)
-    summary.wall_s = time.perf_counter() - t0
     if abort.error is not None:
         raise abort.error
     order = {stem: i for i, (_, stem) in enumerate(files)}
