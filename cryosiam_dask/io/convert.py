@@ -14,6 +14,7 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
+from typing import Any
 
 import mrcfile
 import numpy as np
@@ -24,7 +25,7 @@ from cryosiam_dask.errors import InputFileError
 from cryosiam_dask.io.mrc import MrcInfo, check_tomogram, stem_of
 from cryosiam_dask.io.ome import write_image_metadata
 
-__all__ = ["OUR_KEY", "conversion_is_current", "tomogram_to_zarr"]
+__all__ = ["OUR_KEY", "conversion_is_current", "is_conversion", "tomogram_to_zarr"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +140,27 @@ def _checked_data(info: MrcInfo, data: np.ndarray | None) -> np.ndarray:
     return data
 
 
-def conversion_is_current(zarr_path: Path, src: Path) -> bool:
-    """Whether `zarr_path` is our conversion of `src` at its current size and mtime."""
+def _our_attrs(zarr_path: Path) -> tuple[Any, dict[str, Any]] | None:
+    """The group and the attributes this package wrote into a conversion, or None (not ours, unreadable)."""
     try:
         group = zarr.open_group(zarr_path, mode="r")
-        ours = dict(group.attrs).get(OUR_KEY, {})
+        return group, dict(group.attrs)[OUR_KEY]
+    except Exception:
+        return None
+
+
+def is_conversion(zarr_path: Path) -> bool:
+    """Whether `zarr_path` is a conversion this package wrote (never a user's own zarr input)."""
+    return Path(zarr_path).is_dir() and _our_attrs(zarr_path) is not None
+
+
+def conversion_is_current(zarr_path: Path, src: Path) -> bool:
+    """Whether `zarr_path` is our conversion of `src` at its current size and mtime."""
+    found = _our_attrs(zarr_path)
+    if found is None:
+        return False
+    group, ours = found
+    try:
         stat = src.stat()
         return (
             "0" in group

@@ -231,27 +231,17 @@ def _lock_stems(config: InstanceConfig, pairs: list[tuple[Path, str]]) -> tuple[
     return locks, held
 
 
-def _is_our_conversion(path: Path) -> bool:
-    """Whether `path` is a zarr conversion this package wrote (it records its source in the attributes)."""
-    import zarr
-
-    from cryosiam_dask.io.convert import OUR_KEY
-
-    try:
-        return path.is_dir() and OUR_KEY in dict(zarr.open_group(path, mode="r").attrs)
-    except Exception:  # not a zarr group: not ours
-        return False
-
-
 def _cleanup_now(settings: RunSettings, held: dict[str, WorkDirLock]) -> Any:
     """``work_dir_cleanup: all``: a callback removing a tomogram's stores once its outputs are written."""
     if settings.inputs.work_dir_cleanup != "all":
         return None
 
+    from cryosiam_dask.io.convert import is_conversion
+
     def remove(result: TomogramResult) -> None:
         collect_stale_stores(settings.inputs.work_dir, [result.stem], held, set(), "all")
         conversion = settings.inputs.work_dir / f"{result.stem}.zarr"
-        if _is_our_conversion(conversion):  # never a .zarr input that happens to lie in work_dir
+        if is_conversion(conversion):  # never a .zarr input that happens to lie in work_dir
             import shutil
 
             shutil.rmtree(conversion, ignore_errors=True)
