@@ -203,6 +203,23 @@ def instance_predict(
     fast_margin: Annotated[
         int | None, typer.Option("--fast-margin", help="fast tiling: context voxels (default patch/4).")
     ] = None,
+    copick_config: Annotated[
+        Path | None,
+        typer.Option("--copick-config", help="copick project config: segment its runs."),
+    ] = None,
+    copick_runs: Annotated[
+        str | None, typer.Option("--copick-runs", help="Comma list of copick runs (default: every run).")
+    ] = None,
+    voxel_spacing: Annotated[
+        float | None, typer.Option("--voxel-spacing", help="copick voxel spacing in Å.")
+    ] = None,
+    tomo_type: Annotated[
+        str | None, typer.Option("--tomo-type", help="copick tomogram type (e.g. denoised).")
+    ] = None,
+    copick_object: Annotated[
+        str | None,
+        typer.Option("--copick-object", help="copick pickable object the instances are written back as."),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Instance segmentation of every tomogram in the config (CryoSiam's instance_predict, same outputs).
@@ -226,6 +243,18 @@ def instance_predict(
         "amp": amp,
         "fast_window": fast_window,
         "fast_margin": fast_margin,
+        "copick": {
+            k: v
+            for k, v in {
+                "config": copick_config,
+                "runs": copick_runs.split(",") if copick_runs else None,
+                "voxel_spacing": voxel_spacing,
+                "tomo_type": tomo_type,
+                "object_name": copick_object,
+            }.items()
+            if v is not None
+        }
+        or None,
     }
     with _user_errors(debug):
         from cryosiam_dask.config import load_config

@@ -63,7 +63,11 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if overrides:
         section = data.get("cryosiam_dask")
-        data["cryosiam_dask"] = {**(section if isinstance(section, dict) else {}), **overrides}
+        merged = dict(section) if isinstance(section, dict) else {}
+        for key, value in overrides.items():  # a nested override (copick flags) completes the file's block
+            both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+            merged[key] = {**merged[key], **value} if both else value
+        data["cryosiam_dask"] = merged
     try:
         cfg = InstanceConfig.model_validate(data)
     except ValidationError as e:

@@ -111,6 +111,35 @@ class HyperParameters(_Model):
     """Patches per network call."""
 
 
+class CopickSettings(_Model):
+    """``cryosiam_dask.copick``: segment the runs of a copick project and write the instances back into it."""
+
+    config: AbsPath
+    """The project's copick config (JSON: filesystem, overlay or CZ cryoET Data Portal)."""
+    runs: list[str] | None = None
+    """Run names; default None = every run of the project."""
+    voxel_spacing: Annotated[float, Field(gt=0)]
+    """Å; the voxel spacing whose tomogram is segmented (and where the segmentation is written)."""
+    tomo_type: str
+    """Tomogram type to segment (``denoised``, ``wbp`` ...; CryoSiam expects a denoised, [0, 1]-scaled
+    one)."""
+    object_name: str
+    """Pickable object of the project the instances are written as: an instance segmentation named after it
+    and picks of it (its label, colour and radius come from the project)."""
+    lamella_segmentation: str | None = None
+    """Name of a binary or multilabel segmentation of each run used as its lamella mask (label > 0 = inside);
+    default None = no mask (``mask_folder`` is then used, by run name, if set)."""
+    lamella_user_id: str | None = None
+    """The lamella segmentation's user, when several users wrote one of that name."""
+    lamella_session_id: str | None = None
+    """The lamella segmentation's session, when several exist."""
+    user_id: str = "cryosiam-dask"
+    """User id of the segmentation and picks written back (copick names may not contain '_')."""
+    session_id: str = "0"
+    """Session id of what is written back; '0' marks a tool's output. A rerun replaces only the segmentation
+    and picks of this user and session."""
+
+
 class DaskSettings(_Model):
     """Our optional ``cryosiam_dask:`` section; every field has a default: CryoSiam files need none of it."""
 
@@ -158,6 +187,11 @@ class DaskSettings(_Model):
     8), the smallest context any kept voxel of CryoSiam's own tiling has."""
     amp: Literal["bf16", "fp16"] | None = None
     """Mixed precision for the network; default None = float32, as CryoSiam (needed for its exact maps)."""
+    copick: CopickSettings | None = None
+    """Tomograms from a copick project instead of ``data_folder`` (see :class:`CopickSettings`)."""
+    storage_options: dict[str, Any] | None = None
+    """fsspec options for tomograms given as URLs in ``test_files`` (``s3://``, ``https://``); default None
+    (``s3://`` then reads anonymously, as the CZ cryoET Data Portal's public buckets need)."""
 
     @field_validator("chunk_size", mode="before")
     @classmethod
@@ -170,16 +204,19 @@ class DaskSettings(_Model):
 class InstanceConfig(_Model):
     """CryoSiam's ``instance_predict`` config (same keys, same meaning), plus ``cryosiam_dask``."""
 
-    data_folder: AbsPath
+    data_folder: AbsPath | None = None
+    """Required unless ``cryosiam_dask.copick`` is set or every ``test_files`` entry is a URL."""
     mask_folder: AbsPath | None = None
     """Lamella masks ``<stem>_preds.h5['labels']``; '' or null = no mask."""
     log_dir: AbsPath | None = None
     prediction_folder: AbsPath
     trained_model: AbsPath | None = None
     """Checkpoint; null or absent = ``log_dir/model/model_best.ckpt`` (see :attr:`checkpoint_path`)."""
-    file_extension: str
-    test_files: list[str] | None
-    """File names inside data_folder; null = every file there ending with file_extension."""
+    file_extension: str | None = None
+    """Required unless ``cryosiam_dask.copick`` is set."""
+    test_files: list[str] | None = None
+    """File names inside data_folder (or OME-Zarr URLs); null = every file there ending with file_extension.
+    Required (it may be null) unless ``cryosiam_dask.copick`` is set."""
     save_raw_predictions: Bool
     semantic_predictions: AbsPath | None = None
     """Folder of ``<stem>_preds.h5['labels']``; if set, fg = isin(labels, semantic_foreground_labels)."""
@@ -207,6 +244,14 @@ class InstanceConfig(_Model):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> InstanceConfig:
+        if self.cryosiam_dask.copick is None:
+            urls_only = bool(self.test_files) and all("://" in f for f in self.test_files)
+            if "test_files" not in self.model_fields_set:
+                raise ValueError("missing required key 'test_files'")
+            if self.data_folder is None and not urls_only:
+                raise ValueError("missing required key 'data_folder'")
+            if self.file_extension is None:
+                raise ValueError("missing required key 'file_extension'")
         if self.file_extension == "":
             raise ValueError("'file_extension' must not be empty (e.g. '.mrc')")
         if self.trained_model is None and self.log_dir is None:
@@ -257,12 +302,52 @@ class InstanceConfig(_Model):
         """Intermediate stores: ``cryosiam_dask.work_dir``, else ``<prediction_folder>/.cryosiam_dask``."""
         return self.cryosiam_dask.work_dir or self.prediction_folder / ".cryosiam_dask"
 
-    def stem(self, tomogram: Path | str) -> str:
-        """Output stem of a tomogram: its name cut at ``file_extension``, as CryoSiam does."""
-        return Path(tomogram).name.split(self.file_extension)[0]
+    def stem(self, tomogram: Path | str | Any) -> str:
+        """Output stem of a tomogram: its name cut at ``file_extension``, as CryoSiam does (a URL or copick
+        reference has its own: the URL's last element without ``.zarr``, or the run name)."""
+        if not isinstance(tomogram, (str, os.PathLike)):
+            return tomogram.stem
+        return Path(tomogram).name.split(self.file_extension or "\0")[0]
 
-    def input_files(self, filename: str | None = None) -> list[Path]:
+    def _references(self, filename: str | None) -> list[Any] | None:
+        """copick runs, or OME-Zarr URLs, as references read in place; None when the inputs are files."""
+        cp = self.cryosiam_dask.copick
+        if cp is not None:
+            from cryosiam_dask.io.copick import LamellaRef, copick_tomograms
+
+            lamella = (
+                None
+                if cp.lamella_segmentation is None
+                else LamellaRef(cp.lamella_segmentation, cp.lamella_user_id, cp.lamella_session_id)
+            )
+            return copick_tomograms(
+                cp.config, runs=cp.runs, voxel_spacing=cp.voxel_spacing, tomo_type=cp.tomo_type,
+                object_name=cp.object_name, lamella=lamella, filename=filename,
+            )
+        names = [filename] if filename is not None else (self.test_files or [])
+        if not names or not any("://" in n for n in names):
+            return None
+        from cryosiam_dask.io.remote import ZarrUrl
+
+        options = self.cryosiam_dask.storage_options or {}
+        refs = [ZarrUrl(n, options) for n in names if "://" in n]
+        if len(refs) < len(names):
+            raise ConfigError(
+                f"{self._source or 'config'}: 'test_files' mixes URLs and file names; use one kind per config"
+            )
+        stems = [r.stem for r in refs]
+        twice = sorted({s for s in stems if stems.count(s) > 1})
+        if twice:
+            raise ConfigError(f"{self._source or 'config'}: 'test_files' URLs share the stem(s) {twice}")
+        return refs
+
+    def input_files(self, filename: str | None = None) -> list[Path | Any]:
         """Tomograms to process, with CryoSiam's rules.
+
+        With ``cryosiam_dask.copick`` set: the project's runs as
+        :class:`~cryosiam_dask.io.copick.CopickTomogram` references (``filename`` = one run name); with
+        URLs in ``test_files`` (or as ``filename``): :class:`~cryosiam_dask.io.remote.ZarrUrl` references.
+        Both are read in place.
 
         ``test_files`` (names inside ``data_folder``) when it is a list; when null, every file in
         ``data_folder`` ending with ``file_extension``, sorted. ``filename`` (the CLI's ``--filename``)
@@ -280,8 +365,13 @@ class InstanceConfig(_Model):
         ConfigError
             ``test_files`` is empty or names the same tomogram twice.
         """
+        refs = self._references(filename)
+        if refs is not None:
+            return refs
         src = self._source or "config"
         folder = self.data_folder
+        if folder is None:  # only with URLs (checked at load)
+            raise ConfigError(f"{src}: missing required key 'data_folder'")
         if filename is not None:
             for candidate in (folder / filename, _abs_path(Path(filename))):
                 if candidate.is_file():
@@ -320,7 +410,7 @@ class InstanceConfig(_Model):
             files.append(path)
         return files
 
-    def validate_paths(self, filename: str | None = None) -> list[Path]:
+    def validate_paths(self, filename: str | None = None) -> list[Path | Any]:
         """Check every input path before any work starts: :meth:`input_files`, the checkpoint and the folders.
 
         Returns the :meth:`input_files` list. Raises :class:`InputFileError` naming the first missing path.

@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import zarr
@@ -45,20 +46,21 @@ class Tomogram:
         (z, y, x) in Å.
     origin : (3,) tuple of float
         (z, y, x) in Å.
-    path : Path
-        The input file as given (MRC/REC or zarr).
+    path : Path or reference
+        The input file as given (MRC/REC or zarr), or a reference read in place
+        (:class:`~cryosiam_dask.io.remote.ZarrUrl`, :class:`~cryosiam_dask.io.copick.CopickTomogram`).
     stem : str
         Output file stem: the basename without its extension, as CryoSiam names outputs.
-    zarr_path : Path
-        The zarr group or array that backs ``data``.
+    zarr_path : Path or None
+        The local zarr group or array that backs ``data`` (None for a reference).
     """
 
     data: da.Array
     voxel_size: tuple[float, float, float]
     origin: tuple[float, float, float]
-    path: Path
+    path: Path | Any
     stem: str
-    zarr_path: Path
+    zarr_path: Path | None
 
 
 def _open_zarr_node(path: Path) -> zarr.Array | zarr.Group:
@@ -80,29 +82,41 @@ def _ome_scale_translation(
     return tuple(ours.get("voxel_size", (1.0, 1.0, 1.0))), tuple(ours.get("origin", (0.0, 0.0, 0.0)))
 
 
-def _open_zarr_input(path: Path, chunk_size: ShapeZYX) -> tuple[da.Array, Path, tuple, tuple]:
-    node = _open_zarr_node(path)
-    array_path = path
-    if isinstance(node, zarr.Group):
-        if "0" not in node:
-            raise InputFileError(
-                f"{path}: zarr group has no array '0' (expected an OME-Zarr image or a plain array)"
-            )
-        array, array_path = node["0"], path / "0"
-        voxel_size, origin = _ome_scale_translation(node)
-    else:
-        array = node
-        voxel_size, origin = _ome_scale_translation(node)
+def level0(node: zarr.Array | zarr.Group, where: str) -> zarr.Array:
+    """Scale 0 of an OME-Zarr group (the first ``multiscales`` dataset, else ``"0"``), or the array itself."""
+    if not isinstance(node, zarr.Group):
+        return node
+    attrs = dict(node.attrs)
+    try:
+        path = attrs.get("ome", attrs)["multiscales"][0]["datasets"][0]["path"]
+    except (KeyError, IndexError, TypeError):
+        path = "0"
+    if path not in node:
+        raise InputFileError(
+            f"{where}: zarr group has no array '{path}' (expected an OME-Zarr image or a plain array)"
+        )
+    return node[path]
+
+
+def zarr_tomogram(
+    node: zarr.Array | zarr.Group, where: str, chunk_size: ShapeZYX
+) -> tuple[da.Array, tuple[float, float, float], tuple[float, ...]]:
+    """(dask array of scale 0, voxel size, origin) of a zarr group or array; `where` names it in errors."""
+    array = level0(node, where)
+    voxel_size, origin = _ome_scale_translation(node)
     if array.ndim != 3:
-        raise InputFileError(f"{path}: array is {array.ndim}D {tuple(array.shape)}; a 3D tomogram is needed")
-    data = da.from_zarr(
-        str(array_path), chunks=tuple(min(c, s) for c, s in zip(chunk_size, array.shape, strict=True))
-    )
+        raise InputFileError(f"{where}: array is {array.ndim}D {tuple(array.shape)}; a 3D tomogram is needed")
+    chunks = tuple(min(c, s) for c, s in zip(chunk_size, array.shape, strict=True))
+    return da.from_zarr(array, chunks=chunks), voxel_size, origin
+
+
+def _open_zarr_input(path: Path, chunk_size: ShapeZYX) -> tuple[da.Array, Path, tuple, tuple]:
+    data, voxel_size, origin = zarr_tomogram(_open_zarr_node(path), str(path), chunk_size)
     return data, path, voxel_size, origin
 
 
 def open_tomogram(
-    path: str | os.PathLike,
+    path: str | os.PathLike | Any,
     *,
     work_dir: str | os.PathLike,
     chunk_size: ShapeZYX = DEFAULT_CHUNKS,
@@ -112,7 +126,9 @@ def open_tomogram(
 
     Parameters
     ----------
-    path : str or PathLike
+    path : str or PathLike or reference
+        A reference (:class:`~cryosiam_dask.io.remote.ZarrUrl`,
+        :class:`~cryosiam_dask.io.copick.CopickTomogram`) is read in place from its OME-Zarr, scale 0.
         ``.mrc`` / ``.rec`` (optionally ``.gz`` / ``.bz2``): converted to ``<work_dir>/<stem>.zarr``,
         reusing an earlier conversion when the recorded source size and mtime_ns still match. ``.zarr``:
         used in place (an OME-Zarr group with array ``"0"``, or a plain 3D array), never copied.
@@ -141,6 +157,9 @@ def open_tomogram(
     >>> tomo.data.chunksize, tomo.voxel_size, tomo.stem
     ((16, 32, 32), (10.0, 10.0, 10.0), 'TS_01')
     """
+    if not isinstance(path, (str, os.PathLike)):  # a URL or copick reference: read in place, never copied
+        data, voxel_size, origin = zarr_tomogram(path.open_node(), path.name, chunk_size)
+        return Tomogram(data, voxel_size, origin, path, path.stem, None)
     path = Path(path)
     stem = stem_of(path, file_extension)
     if path.name.lower().endswith(".zarr"):

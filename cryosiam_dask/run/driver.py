@@ -69,7 +69,7 @@ def _check_inputs(config: InstanceConfig, files: list[Path]) -> None:
     problems = []
     for f in files:
         try:
-            if f.suffix != ".zarr":
+            if isinstance(f, Path) and f.suffix != ".zarr":  # URL and copick references: checked on open
                 check_tomogram(f)
             if config.mask_folder is not None:
                 find_mask(config.mask_folder, config.stem(f))

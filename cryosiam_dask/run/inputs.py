@@ -30,8 +30,8 @@ class OpenedInput:
 
     Attributes
     ----------
-    path : Path
-        The input file.
+    path : Path or reference
+        The input file, or a URL / copick reference read in place (``.name`` names it).
     stem : str
         Output stem (CryoSiam's: the name cut at ``file_extension``).
     tomogram : Tomogram
@@ -45,7 +45,7 @@ class OpenedInput:
         Minimum and maximum voxel value.
     """
 
-    path: Path
+    path: Path | Any
     stem: str
     tomogram: Tomogram
     mask: da.Array | None
@@ -100,14 +100,19 @@ def open_inputs(
             chunk_size=settings.chunk_size,
             file_extension=settings.file_extension,
         )
-        reader = mask_reader(settings.mask_folder, stem, tuple(int(n) for n in tomo.data.shape))
+        shape = tuple(int(n) for n in tomo.data.shape)
+        own = getattr(path, "mask_reader", None)  # a copick run's lamella segmentation
+        reader = own(shape) if own is not None else None
+        if reader is None:
+            reader = mask_reader(settings.mask_folder, stem, shape)
         opened.append((path, stem, tomo, reader))
     results = []
     checks = lane.compute(*[_value_checks(t.data) for _, _, t, _ in opened])
     for (path, stem, tomo, reader), (bad, lo, hi) in zip(opened, checks, strict=True):
         if int(bad):
+            where = path if isinstance(path, Path) else path.name
             raise InputFileError(
-                f"{path}: {int(bad)} NaN/inf voxel(s) of {int(np.prod(tomo.data.shape))}; replace them "
+                f"{where}: {int(bad)} NaN/inf voxel(s) of {int(np.prod(tomo.data.shape))}; replace them "
                 "(e.g. numpy.nan_to_num with the tomogram's mean) and run again"
             )
         lo, hi = float(lo), float(hi)

@@ -59,12 +59,18 @@ class Maps:
 def maps_fingerprint(item: OpenedInput, network: NetworkSettings, inputs: InputSettings) -> dict[str, Any]:
     """What the raw maps depend on (also stored with the raw maps h5, to recognise it on a rerun)."""
     st = network.checkpoint.stat()
-    src = item.path.stat()
+    if isinstance(item.path, Path):
+        src = item.path.stat()
+        source = [str(item.path), src.st_size, src.st_mtime_ns]
+    else:  # a URL or copick reference, read in place
+        data = item.tomogram.data
+        lamella = repr(getattr(item.path, "lamella", None))
+        source = [item.path.name, list(data.shape), str(data.dtype), lamella]
     fp: dict[str, Any] = {
         "checkpoint": [str(network.checkpoint), st.st_size, st.st_mtime_ns],
         "data": list(network.data),
         "tiling": network.tiling,
-        "source": [str(item.path), src.st_size, src.st_mtime_ns],
+        "source": source,
         "mask_folder": str(inputs.mask_folder) if inputs.mask_folder else None,
     }
     if network.tiling == "fast":  # its windows lie on a grid of the volume: the chunking is not a key

@@ -115,6 +115,9 @@ class OutputSettings:
     prediction_folder: Path
     formats: frozenset[str]
     save_raw_predictions: bool
+    copick: Any = None
+    """``cryosiam_dask.copick`` (a :class:`~cryosiam_dask.config.schema.CopickSettings`): the instances are
+    also written back into the project; None otherwise."""
 
 
 @dataclass(frozen=True)
@@ -193,5 +196,6 @@ class RunSettings:
                 prediction_folder=config.prediction_folder,
                 formats=frozenset(s.output_formats),
                 save_raw_predictions=config.save_raw_predictions,
+                copick=s.copick,
             ),
         )

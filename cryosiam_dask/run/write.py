@@ -93,4 +93,13 @@ def write_outputs(
             voxel_size=vs[2],
             tomogram_name=item.path.name,
         )
+    if settings.copick is not None:
+        from cryosiam_dask.outputs.copick import write_copick
+
+        cp = settings.copick
+        try:
+            written.update(write_copick(item.path, labels, table, object_name=cp.object_name,
+                                        user_id=cp.user_id, session_id=cp.session_id))
+        except OSError as e:
+            raise output_error(e, Path(item.path.name)) from e
     return n, written

@@ -311,7 +311,7 @@ def test_unknown_key(tmp_path, project, section, bad, hint):
         ("test_files", "TS_01.mrc", "expected a list of strings or null, found str"),
         ("parameters.gpu_devices", "0,1", "expected an integer or a list of integers or null"),
         ("parameters.data", None, "expected a mapping of keys, found null"),
-        ("data_folder", None, "expected a path, found null"),
+        ("prediction_folder", None, "expected a path, found null"),
         ("cryosiam_dask.output_formats", "mrc", "expected a list of values from 'cryosiam'"),
     ],
 )
