@@ -140,8 +140,13 @@ def make_case(
     patch_size: int = 32,
     seed: int = 0,
     lamella: float | None = None,
+    copick: bool = False,
 ) -> tuple[Path, int]:
-    """Write tomogram, mask, checkpoint and config for ``shape`` in ``folder``; return (config, particles)."""
+    """Write tomogram, mask, checkpoint and config for ``shape`` in ``folder``; return (config, particles).
+
+    ``copick``: the tomogram and mask become a copick project's run (OME-Zarr, lamella segmentation) and the
+    config reads them from there (``cryosiam_dask.copick``) instead of the MRC file.
+    """
     import yaml
 
     from cryosiam_dask.demo import demo_config
@@ -158,9 +163,30 @@ def make_case(
     cfg["cryosiam_dask"].update(
         halo=halo, tiling="fast", device="cpu", output_formats=output_formats, work_dir=str(folder / "work")
     )
+    if copick:
+        _to_copick(folder, cfg)
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path, n_particles
+
+
+def _to_copick(folder: Path, cfg: dict[str, Any]) -> None:
+    """Move the case's tomogram and mask into a copick project and point `cfg` at it."""
+    import h5py
+
+    from cryosiam_dask.testing.copick_project import write_copick_project
+
+    with h5py.File(folder / "lamella" / f"{STEM}_preds.h5", "r") as f:
+        mask = f["labels"][:]
+    project = write_copick_project(
+        folder / "copick", {STEM: folder / "data" / f"{STEM}.mrc"}, masks={STEM: mask}
+    )
+    for key in ("data_folder", "mask_folder", "test_files", "file_extension"):
+        cfg.pop(key)
+    cfg["cryosiam_dask"]["copick"] = {
+        "config": str(project), "voxel_spacing": 10.0, "tomo_type": "denoised", "object_name": "particle",
+        "lamella_segmentation": "lamella",
+    }
 
 
 def _roles(client: Any) -> dict[int, str]:
@@ -265,6 +291,7 @@ def _one(spec: dict[str, Any]) -> dict[str, Any]:
         output_formats=spec["output_formats"],
         patch_size=spec.get("patch_size", 32),
         lamella=spec.get("lamella"),
+        copick=spec.get("copick", False),
     )
     make_s = time.perf_counter() - t0
     out = run_once(

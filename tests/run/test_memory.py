@@ -29,7 +29,7 @@ X16 = (32, 256, 512)
 CHUNKS = (32, 64, 64)
 
 
-def _run_case(folder: Path, shape: tuple[int, int, int], chunks: tuple[int, int, int]) -> dict:
+def _run_case(folder: Path, shape: tuple[int, int, int], chunks: tuple[int, int, int], **extra) -> dict:
     """One whole ``instance_predict`` in a fresh subprocess (its own LocalCluster of 1 worker process)."""
     from benchmarks.bench_memory import _spawn
 
@@ -45,6 +45,7 @@ def _run_case(folder: Path, shape: tuple[int, int, int], chunks: tuple[int, int,
         "memory_limit": "4GB",
         "output_formats": ["cryosiam"],
         "patch_size": 16,
+        **extra,
     }
     return _spawn(spec)
 
@@ -84,3 +85,19 @@ def test_bound_fails_when_the_chunk_is_the_whole_tomogram(tmp_path: Path, x1_run
     assert growth > _allowed_mib(X16), (
         f"chunk = volume: growth {growth:.1f} MiB should exceed {_allowed_mib(X16):.1f}"
     )
+
+
+@pytest.mark.slow
+def test_copick_run_peak_rss_does_not_grow_with_the_tomogram(tmp_path: Path) -> None:
+    """The same bound for a tomogram read in place from a copick project (OME-Zarr, one shard per volume,
+    lamella segmentation): neither the worker nor the client process reads the tomogram whole."""
+    pytest.importorskip("copick", reason="the copick extra is not installed")
+    r1 = _run_case(tmp_path / "x1", X1, CHUNKS, copick=True)
+    r4 = _run_case(tmp_path / "x4", X4, CHUNKS, copick=True)
+    assert r1["n_instances"] > 0 and r4["n_instances"] > r1["n_instances"]
+    for key in ("peak_worker_MiB", "peak_main_MiB"):
+        growth = r4[key] - r1[key]
+        assert growth < _allowed_mib(), (
+            f"{key} grew by {growth:.1f} MiB from {X1} to {X4} (copick input, chunks {CHUNKS}; allowed "
+            f"{_allowed_mib():.1f})"
+        )
