@@ -226,6 +226,7 @@ def copick_tomograms(
     InputFileError, ConfigError
         One line naming the missing run, voxel spacing, tomogram type, segmentation or object and what exists.
     """
+    _open_root.cache_clear()  # a new run sees the project as it is now (runs added since)
     root = open_root(config)
     names = [r.name for r in root.runs]
     wanted = [filename] if filename is not None else (list(runs) if runs else names)

@@ -421,3 +421,29 @@ def test_validate_paths(tmp_path, project):
     del project["trained_model"]
     with pytest.raises(InputFileError, match=r"checkpoint '.*model/model_best\.ckpt' does not exist \("):
         load(tmp_path, project).validate_paths()
+
+
+def test_copick_flags_complete_the_file_copick_block(tmp_path, project):
+    for key in ("data_folder", "test_files", "file_extension"):
+        project.pop(key)
+    project["cryosiam_dask"] = {"copick": {"config": "p.json", "voxel_spacing": 10.0, "tomo_type": "wbp",
+                                           "object_name": "ribosome"}}
+    cfg = load(tmp_path, project, {"copick": {"tomo_type": "denoised", "runs": ["TS-1"]}})
+    cp = cfg.cryosiam_dask.copick
+    assert (cp.tomo_type, cp.runs, cp.voxel_spacing) == ("denoised", ["TS-1"], 10.0)
+    assert cp.object_name == "ribosome"
+    assert (cp.user_id, cp.session_id) == ("cryosiam-dask", "0")
+
+
+def test_without_copick_the_file_keys_stay_required(tmp_path, project):
+    project.pop("data_folder")
+    with pytest.raises(ConfigError, match=r"missing required key 'data_folder'"):
+        load(tmp_path, project)
+    project["test_files"] = ["https://host/TS_01.zarr"]
+    assert load(tmp_path, project).data_folder is None  # URLs only: no data_folder needed
+
+
+def test_urls_and_file_names_are_not_mixed(tmp_path, project):
+    project["test_files"] = ["TS_01.mrc", "s3://bucket/TS_02.zarr"]
+    with pytest.raises(ConfigError, match=r"'test_files' mixes URLs and file names"):
+        load(tmp_path, project).input_files()
