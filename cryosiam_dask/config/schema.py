@@ -307,7 +307,8 @@ class InstanceConfig(_Model):
         reference has its own: the URL's last element without ``.zarr``, or the run name)."""
         if not isinstance(tomogram, (str, os.PathLike)):
             return tomogram.stem
-        return Path(tomogram).name.split(self.file_extension or "\0")[0]
+        name = Path(tomogram).name
+        return name if self.file_extension is None else name.split(self.file_extension)[0]
 
     def _references(self, filename: str | None) -> list[Any] | None:
         """copick runs, or OME-Zarr URLs, as references read in place; None when the inputs are files."""
