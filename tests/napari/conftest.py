@@ -58,3 +58,9 @@ def qt_wait():
     """:func:`wait_until` (a fixture, since test modules do not import the conftest)."""
     pytest.importorskip("qtpy")
     return wait_until
+
+
+@pytest.fixture
+def demo_config_factory():
+    """:func:`demo_config`, for a test that needs its own demo folder."""
+    return demo_config

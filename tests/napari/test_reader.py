@@ -1,4 +1,4 @@
-"""The reader opens every output of a run with the tomogram's voxel size as scale and its origin as translation."""
+"""The reader opens each output of a run with the voxel size as scale and the origin as translation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cryosiam_dask.napari.reader import geometry_of, napari_get_reader, output_kind, read_output
+from cryosiam_dask.napari.reader import geometry_of, napari_get_reader, output_kind
 
 VOXEL = (10.0, 10.0, 10.0)  # the demo's MRC voxel size
 
