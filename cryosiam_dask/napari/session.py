@@ -108,10 +108,13 @@ class TuningSession:
         self.config = load_config(self.path)
         self.maps: CachedMaps | None = None
         self.stem: str | None = None
+        self._tomograms: dict[str, Path] | None = None
 
     def tomograms(self) -> dict[str, Path]:
         """The config's tomograms by stem (``data_folder`` + ``test_files``), as the run takes them."""
-        return {self.config.stem(p): p for p in self.config.input_files()}
+        if self._tomograms is None:
+            self._tomograms = {self.config.stem(p): p for p in self.config.input_files()}
+        return self._tomograms
 
     def tomogram_layer(self, stem: str) -> tuple[da.Array, dict[str, Any]]:
         """The tomogram, lazily, and napari kwargs (name, scale = voxel size, translate = origin, Å)."""

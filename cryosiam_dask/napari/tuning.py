@@ -56,7 +56,8 @@ class TuningWidget(Container):
         self._worker: Any = None
         self._pending = False
         self.config = FileEdit(label="config", mode="r", filter="*.yaml *.yml")
-        self.tomogram = ComboBox(label="tomogram", choices=[])
+        # a callable: napari calls reset_choices on every layer change, which restores static choices
+        self.tomogram = ComboBox(label="tomogram", choices=self._stems)
         self.load_button = PushButton(text="Load tomogram and cached maps")
         self.start = [SpinBox(label=f"crop {a} start", min=0, max=100_000) for a in "zyx"]
         self.size = [SpinBox(label=f"crop {a} size", min=1, max=100_000, value=64) for a in "zyx"]
@@ -89,12 +90,15 @@ class TuningWidget(Container):
     def _open_config(self, path: Any = None) -> None:
         try:
             self.session = TuningSession(Path(self.config.value))
-            self.tomogram.choices = sorted(self.session.tomograms())
+            self.tomogram.reset_choices()
         except CryoSiamDaskError as e:
             self.status.value = str(e)
             return
         self._set_params(self.session.config.post_params)
         self.status.value = f"{len(self.tomogram.choices)} tomogram(s); pick one and load it"
+
+    def _stems(self, _: Any = None) -> list[str]:
+        return sorted(self.session.tomograms()) if self.session is not None else []
 
     def _set_params(self, p: PostParams) -> None:
         with self.changed.blocked():
