@@ -11,6 +11,8 @@ from cryosiam_dask.testing.strategies import assert_same_partition
 
 napari = pytest.importorskip("napari")
 pytest.importorskip("magicgui")
+# a Qt binding whose system libraries are missing raises ImportError: skip then too
+pytest.importorskip("qtpy.QtWidgets", exc_type=ImportError)
 
 CROP = ((4, 28), (10, 50), (12, 60))
 SETTING_B = dict(threshold=0.6, min_distance=0.5, max_distance=3.0, distance_type=2, boundary_bias=0.6,
