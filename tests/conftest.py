@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+
+# Qt without a display (the napari plugin's tests): set before any test module loads Qt
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "cryosiam_golden"
 

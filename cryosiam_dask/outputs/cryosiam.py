@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FINGERPRINT_ATTR",
+    "GEOMETRY_ATTRS",
     "MAP_DATASETS",
     "read_raw_predictions",
     "write_instances_h5",
@@ -43,6 +44,16 @@ MAP_DATASETS = ("foreground", "distances", "boundaries")
 """Dataset names of CryoSiam's ``<stem>_preds.h5``."""
 
 FINGERPRINT_ATTR = "cryosiam_dask_fingerprint"
+GEOMETRY_ATTRS = ("voxel_size", "origin")
+"""File attributes (z, y, x, Å) we add to both h5 files so that viewers overlay them on the tomogram
+(CryoSiam's readers ignore them; files CryoSiam wrote lack them)."""
+
+
+def _write_geometry(f: h5py.File, voxel_size: Any, origin: Any) -> None:
+    for name, value in zip(GEOMETRY_ATTRS, (voxel_size, origin), strict=True):
+        if value is not None:
+            v = (float(value),) * 3 if np.isscalar(value) else tuple(float(x) for x in value)
+            f.attrs[name] = np.asarray(v, np.float64)
 
 
 # ------------------------------------------------------------------------------------------------ HDF5
@@ -50,7 +61,13 @@ def _h5_chunks(array: da.Array) -> tuple[int, ...]:
     return tuple(max(1, min(c, 64)) for c in array.chunksize)
 
 
-def write_instances_h5(path: str | os.PathLike[str], labels: da.Array) -> Path:
+def write_instances_h5(
+    path: str | os.PathLike[str],
+    labels: da.Array,
+    *,
+    voxel_size: float | tuple[float, float, float] | None = None,
+    origin: tuple[float, float, float] | None = None,
+) -> Path:
     """Write ``<stem>_instance_preds.h5`` with dataset ``instances`` (uint32, (Z, Y, X)), chunk by chunk.
 
     The layout is CryoSiam's (same dataset name, dtype and shape); the dataset is HDF5-chunked (at most 64³)
@@ -64,6 +81,8 @@ def write_instances_h5(path: str | os.PathLike[str], labels: da.Array) -> Path:
         Output file.
     labels : (Z, Y, X) dask.array.Array of uint32
         Instance ids, 0 = background.
+    voxel_size, origin : (z, y, x) floats in Å, optional
+        The tomogram's, stored as file attributes ``voxel_size`` and ``origin`` (for viewers).
 
     Returns
     -------
@@ -73,6 +92,7 @@ def write_instances_h5(path: str | os.PathLike[str], labels: da.Array) -> Path:
     path = Path(path)
     labels = _check_volume(labels, "labels")
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        _write_geometry(f, voxel_size, origin)
         dset = f.create_dataset(
             "instances", shape=labels.shape, dtype=np.uint32, chunks=_h5_chunks(labels),
             compression="gzip", compression_opts=1, shuffle=True,
@@ -93,6 +113,8 @@ def write_raw_predictions_h5(
     boundary: da.Array,
     *,
     attrs: dict[str, Any] | None = None,
+    voxel_size: float | tuple[float, float, float] | None = None,
+    origin: tuple[float, float, float] | None = None,
 ) -> Path:
     """Write ``<stem>_preds.h5``: datasets ``foreground``, ``distances``, ``boundaries`` (float32, (Z, Y, X)).
 
@@ -107,6 +129,8 @@ def write_raw_predictions_h5(
         Settings fingerprint (JSON-serialisable: checkpoint path, size and mtime, normalisation, tiling,
         mask), stored as the file attribute :data:`FINGERPRINT_ATTR` and checked by
         :func:`read_raw_predictions`.
+    voxel_size, origin : (z, y, x) floats in Å, optional
+        The tomogram's, stored as file attributes ``voxel_size`` and ``origin`` (for viewers).
 
     Returns
     -------
@@ -125,6 +149,7 @@ def write_raw_predictions_h5(
         ]
         if attrs is not None:
             f.attrs[FINGERPRINT_ATTR] = _fingerprint_text(attrs)
+        _write_geometry(f, voxel_size, origin)
         for slices, blocks in _iter_blocks(maps):
             for dset, block in zip(dsets, blocks, strict=True):
                 dset[slices] = block.astype(np.float32, copy=False)

@@ -25,6 +25,7 @@ def write_mrc_labels(
     *,
     voxel_size: float | tuple[float, float, float],
     max_label: int | None = None,
+    origin: tuple[float, float, float] | None = None,
 ) -> Path:
     """Write ``<stem>_instances.mrc`` (for Amira, IMOD, ChimeraX), chunk by chunk through a memory map.
 
@@ -42,6 +43,8 @@ def write_mrc_labels(
         Voxel size in Å, one value or (z, y, x), as in the tomogram's header.
     max_label : int, optional
         Largest id (e.g. from :func:`region_table`); computed from `labels` when not given.
+    origin : (z, y, x) floats in Å, optional
+        The tomogram's header origin, written to the header so that viewers overlay the labels on it.
 
     Returns
     -------
@@ -81,6 +84,8 @@ def write_mrc_labels(
                 mrc.close()
         with mrcfile.mmap(str(tmp), mode="r+") as mrc:
             mrc.voxel_size = (vx, vy, vz)
+            if origin is not None:
+                mrc.header.origin = (float(origin[2]), float(origin[1]), float(origin[0]))
             n = max(labels.size, 1)
             mean = total / n
             mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = lo, hi, mean

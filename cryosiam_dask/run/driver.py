@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,12 @@ def collect_stale_stores(
 
 
 def instance_predict(
-    config: InstanceConfig, *, filename: str | None = None, client: Any = None, processes: bool = True
+    config: InstanceConfig,
+    *,
+    filename: str | None = None,
+    client: Any = None,
+    processes: bool = True,
+    on_done: Callable[[TomogramResult], None] | None = None,
 ) -> list[TomogramResult]:
     """CryoSiam's ``instance_predict`` for every tomogram of ``config`` (or only ``filename``).
 
@@ -163,6 +169,9 @@ def instance_predict(
         closed at the end.
     processes : bool, default True
         For a local CPU cluster started here: worker processes (True) or threads in this process (False).
+    on_done : callable, optional
+        Called with each tomogram's :class:`TomogramResult` as soon as its outputs are written (from the
+        driver's thread), e.g. to show it in a viewer.
 
     Returns
     -------
@@ -193,7 +202,7 @@ def instance_predict(
         )
         settings = RunSettings.from_config(config, device=device, patch_size=patch_size)
         with resume.record_stores() as used:
-            summary = _run(settings, pairs, client, processes, handler, held)
+            summary = _run(settings, pairs, client, processes, handler, held, on_done)
         stems = [stem for _, stem in pairs]
         collect_stale_stores(settings.inputs.work_dir, stems, held, used, settings.inputs.work_dir_cleanup)
         logger.info("instance_predict: %s", summary.line())
@@ -249,6 +258,19 @@ def _cleanup_now(settings: RunSettings, held: dict[str, WorkDirLock]) -> Any:
     return remove
 
 
+def _each_done(*callbacks: Callable[[TomogramResult], None] | None) -> Any:
+    """One ``on_done`` calling each given callback in turn (None when there is none)."""
+    given = [c for c in callbacks if c is not None]
+    if not given:
+        return None
+
+    def call(result: TomogramResult) -> None:
+        for c in given:
+            c(result)
+
+    return call
+
+
 def _run(
     settings: RunSettings,
     pairs: list[tuple[Path, str]],
@@ -256,12 +278,13 @@ def _run(
     processes: bool,
     handler: logging.Handler | None,
     held: dict[str, WorkDirLock],
+    on_done: Callable[[TomogramResult], None] | None = None,
 ) -> RunSummary:
     """The dataset on ``client``, or on the cluster of the settings (started and closed here)."""
     from cryosiam_dask.run.cluster import plan_cluster, start_client
 
     if client is not None:
-        return _stream(settings, pairs, client, held)
+        return _stream(settings, pairs, client, held, on_done)
     c = settings.cluster
     plan = plan_cluster(
         device=c.device,
@@ -279,11 +302,12 @@ def _run(
         else None
     )
     with start_client(plan, processes=processes, worker_log=worker_log) as started:
-        return _stream(settings, pairs, started, held)
+        return _stream(settings, pairs, started, held, on_done)
 
 
 def _stream(settings: RunSettings, pairs: list[tuple[Path, str]], client: Any,
-            held: dict[str, WorkDirLock]) -> RunSummary:
+            held: dict[str, WorkDirLock],
+            on_done: Callable[[TomogramResult], None] | None = None) -> RunSummary:
     """:func:`run_dataset` on `client`, with the memory watchdog and the work dir's peak."""
     from dataclasses import replace
 
@@ -305,6 +329,6 @@ def _stream(settings: RunSettings, pairs: list[tuple[Path, str]], client: Any,
                               abort.stop)
     with DiskPeak(settings.inputs.work_dir) as disk, watchdog:
         summary = run_dataset(settings, pairs, in_flight=in_flight, resources=resources, abort=abort,
-                              on_done=_cleanup_now(settings, held))
+                              on_done=_each_done(_cleanup_now(settings, held), on_done))
     summary.work_dir_peak_bytes = disk.peak
     return summary

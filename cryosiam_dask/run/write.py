@@ -47,8 +47,11 @@ def write_outputs(
     table = out.region_table(labels)
     n = int(len(table["label"]))
     written: dict[str, Path] = {}
+    vs, origin = item.tomogram.voxel_size, item.tomogram.origin
+    geometry = {"voxel_size": vs, "origin": origin}
     if "cryosiam" in formats:
-        _put(written, "instances_h5", out.write_instances_h5, folder / f"{stem}_instance_preds.h5", labels)
+        _put(written, "instances_h5", out.write_instances_h5, folder / f"{stem}_instance_preds.h5", labels,
+             **geometry)
         _put(written, "regions_csv", out.write_regions_csv, folder / f"{stem}_instance_regions.csv", table)
     if (settings.save_raw_predictions or "raw" in formats) and not maps.raw_reused:
         _put(
@@ -58,8 +61,8 @@ def write_outputs(
             folder / f"{stem}_preds.h5",
             *maps.arrays(),
             attrs=raw_attrs,
+            **geometry,
         )
-    vs, origin = item.tomogram.voxel_size, item.tomogram.origin
     if "ome-zarr" in formats:
         named = dict(zip(("foreground", "distances", "boundaries"), maps.arrays(), strict=True))
         _put(
@@ -82,6 +85,7 @@ def write_outputs(
             labels,
             voxel_size=vs,
             max_label=n,
+            origin=origin,
         )
     if "star" in formats:
         _put(
