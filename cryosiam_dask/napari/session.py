@@ -108,10 +108,11 @@ class TuningSession:
         self.config = load_config(self.path)
         self.maps: CachedMaps | None = None
         self.stem: str | None = None
-        self._tomograms: dict[str, Path] | None = None
+        self._tomograms: dict[str, Any] | None = None
 
-    def tomograms(self) -> dict[str, Path]:
-        """The config's tomograms by stem (``data_folder`` + ``test_files``), as the run takes them."""
+    def tomograms(self) -> dict[str, Any]:
+        """The config's tomograms by stem, as the run takes them: paths (``data_folder`` + ``test_files``),
+        or copick runs and OME-Zarr URLs (references read in place)."""
         if self._tomograms is None:
             self._tomograms = {self.config.stem(p): p for p in self.config.input_files()}
         return self._tomograms
@@ -119,14 +120,7 @@ class TuningSession:
     def tomogram_layer(self, stem: str) -> tuple[da.Array, dict[str, Any]]:
         """The tomogram, lazily, and napari kwargs (name, scale = voxel size, translate = origin, Å)."""
         path = self.tomograms()[stem]
-        if path.suffix == ".zarr":
-            from cryosiam_dask.io.tomograms import _ome_scale_translation, _open_zarr_node
-
-            node = _open_zarr_node(path)
-            array = node["0"] if hasattr(node, "group_keys") else node
-            voxel, origin = _ome_scale_translation(node)
-            data = da.from_zarr(array)
-        else:
+        if isinstance(path, Path) and path.suffix != ".zarr":  # MRC/REC: memory-mapped, no conversion
             import mrcfile
 
             from cryosiam_dask.io.mrc import check_tomogram
@@ -134,6 +128,12 @@ class TuningSession:
             info = check_tomogram(path)
             voxel, origin = info.voxel_size, info.origin
             data = da.from_array(mrcfile.mmap(path, mode="r", permissive=True).data, chunks="auto")
+        else:  # a zarr, a copick run or an OME-Zarr URL: read in place, as the run reads it
+            from cryosiam_dask.io.tomograms import open_tomogram
+
+            tomo = open_tomogram(path, work_dir=self.config.work_dir,
+                                 chunk_size=tuple(self.config.cryosiam_dask.chunk_size))
+            data, voxel, origin = tomo.data, tomo.voxel_size, tomo.origin
         voxel = tuple(v if v > 0 else 1.0 for v in voxel)
         return data, {"name": stem, "scale": voxel, "translate": tuple(origin)}
 
