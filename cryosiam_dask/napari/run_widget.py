@@ -6,6 +6,7 @@ are written (the driver's ``on_done``), and the log's lines of the run are shown
 """
 
 import logging
+import queue
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ RESULT_OUTPUTS = ("instances_h5", "ome_zarr", "mrc")
 
 
 class _Lines(logging.Handler):
-    """Forwards the run's INFO lines to a callback (called from the run's threads)."""
+    """Forwards the run's INFO lines to a callback (called from the run's threads; it only queues)."""
 
     def __init__(self, emit: Any) -> None:
         super().__init__(logging.INFO)
@@ -51,6 +52,10 @@ class RunWidget(Container):
         self.error: str | None = None
         self.running = False
         self._worker: Any = None
+        # the run's threads (the driver's, dask's) only put here; the main thread drains it on a timer, so no
+        # Qt object is touched outside the main thread
+        self._events: queue.Queue = queue.Queue()
+        self._timer: Any = None
         self.config = FileEdit(label="config", mode="r", filter="*.yaml *.yml")
         self.scheduler = LineEdit(label="scheduler address", value="")
         self.load_results = CheckBox(text="load each result when written", value=True)
@@ -66,7 +71,7 @@ class RunWidget(Container):
     def start(self, _: Any = None) -> None:
         """Validate the config and start the run in a worker thread."""
         from napari.qt.threading import create_worker
-        from superqt.utils import ensure_main_thread
+        from qtpy.QtCore import QTimer
 
         from cryosiam_dask.config import load_config
 
@@ -82,9 +87,14 @@ class RunWidget(Container):
         self.results, self.error, self.running = [], None, True
         self.progress.max, self.progress.value, self.log.value = n, 0, ""
         self.run_button.enabled = False
-        self._on_done = ensure_main_thread(self._done_one)
-        self._on_line = ensure_main_thread(self._line)
-        self._on_link = ensure_main_thread(self._link)
+        self._events = queue.Queue()
+        self._on_done = lambda result: self._events.put((self._done_one, result))
+        self._on_line = lambda line: self._events.put((self._line, line))
+        self._on_link = lambda link: self._events.put((self._link, link))
+        self._timer = QTimer()
+        self._timer.setInterval(100)
+        self._timer.timeout.connect(self._drain)
+        self._timer.start()
         self._worker = create_worker(self._run, config)
         self._worker.errored.connect(self._failed)
         self._worker.finished.connect(self._finished)
@@ -114,6 +124,15 @@ class RunWidget(Container):
             logger.removeHandler(handler)
             logger.setLevel(level)
 
+    def _drain(self) -> None:
+        """On the main thread: apply what the run's threads queued, in order."""
+        while True:
+            try:
+                apply, value = self._events.get_nowait()
+            except queue.Empty:
+                return
+            apply(value)
+
     def _link(self, link: str) -> None:
         self.dashboard.value = link or "(dashboard off: cryosiam_dask.dashboard_address is null)"
 
@@ -139,10 +158,15 @@ class RunWidget(Container):
                 break
 
     def _failed(self, e: BaseException) -> None:
+        self._drain()
         self.error = " ".join(str(e).splitlines()) or type(e).__name__
         self._line(f"error: {self.error}")
 
     def _finished(self) -> None:
+        self._drain()
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
         self.running, self._worker = False, None
         self.run_button.enabled = True
         n = self.progress.max
