@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A real single-node SLURM for the `slurm` tests: munge, slurmctld and slurmd (2 CPUs, node "localhost"),
 # started as root without systemd. Idempotent: installs the Debian packages only if `sinfo` is missing,
-# writes /etc/slurm/slurm.conf only if it is not ours, starts only the daemons that are not running, and
+# (re)writes /etc/slurm/slurm.conf only when it differs (restarting the daemons), starts those not running, and
 # waits until the node is idle. Prints its wall time. Usage: sudo tests/slurm/start_slurm.sh
+# (RealMemory is what SLURM hands out, not enforced: no cgroups in a container.)
 set -euo pipefail
 t0=$(date +%s)
 if [ "$(id -u)" -ne 0 ]; then echo "start_slurm.sh: needs root" >&2; exit 1; fi
@@ -13,8 +14,7 @@ fi
 CONF=/etc/slurm/slurm.conf
 MARK="# cryosiam_dask single-node test cluster"
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
-if ! grep -qF "$MARK" "$CONF" 2> /dev/null; then
-    cat > "$CONF" <<CONF
+read -r -d '' WANT <<CONF || true
 $MARK (tests/slurm/start_slurm.sh)
 ClusterName=cryosiam
 SlurmctldHost=localhost
@@ -46,9 +46,16 @@ KillWait=10
 # jobs share the node: each CPU comes with its share of memory unless --mem is given
 DefMemPerCPU=2000
 SlurmdTimeout=60
-NodeName=localhost CPUs=2 RealMemory=4000 State=UNKNOWN
+NodeName=localhost CPUs=2 RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 CONF
+running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2> /dev/null; }
+if [ "$(cat "$CONF" 2> /dev/null)" != "$WANT" ]; then
+    if [ -f "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then cp "$CONF" "$CONF.before-cryosiam_dask"; fi
+    printf '%s\n' "$WANT" > "$CONF"
+    for pid in /run/slurmd.pid /run/slurmctld.pid; do  # restart with the new config
+        if running "$pid"; then kill "$(cat "$pid")"; while running "$pid"; do sleep 0.2; done; fi
+    done
 fi
 chown munge:munge /run/munge
 if [ ! -s /etc/munge/munge.key ]; then
@@ -58,7 +65,6 @@ fi
 if ! munge -n > /dev/null 2>&1; then
     runuser -u munge -- /usr/sbin/munged
 fi
-running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2> /dev/null; }
 running /run/slurmctld.pid || /usr/sbin/slurmctld
 running /run/slurmd.pid || /usr/sbin/slurmd -N localhost
 for _ in $(seq 60); do
