@@ -260,12 +260,12 @@ def instance_predict(
         with contextlib.ExitStack() as stack:
             if not debug:  # dask's own records: one line each, the error line last
                 stack.enter_context(quiet_distributed_tracebacks())
-            client = None
+            on: dict[str, Any] = {}
             if slurm_runner:  # only rank 1 goes on; the scheduler and worker ranks exit in here
                 from cryosiam_dask.run.slurm import runner_client
 
-                client = stack.enter_context(runner_client(cfg))
-            results = run_instance_predict(cfg, filename=filename, client=client)
+                on["client"] = stack.enter_context(runner_client(cfg))
+            results = run_instance_predict(cfg, filename=filename, **on)
     logger.info(
         "instance_predict: %d tomogram(s) done, outputs in %s", len(results or []), cfg.prediction_folder
     )

@@ -7,7 +7,8 @@
 Each gives the instances of a local run of the same config, and SLURM's job history (``sacct -c``, from
 ``JobCompType=jobcomp/filetxt``) shows the jobs. The test node has 2 CPUs: the batch jobs are submitted with
 ``--overcommit`` (4 tasks on 1 CPU) and small memory, flags that override the template's ``#SBATCH`` lines.
-Without SLURM, or with its controller down, every test here is skipped with the reason.
+Without SLURM, or with its controller down, every test here is skipped with the reason (they fail instead
+when ``CRYOSIAM_DASK_REQUIRE_SLURM=1``, as in CI).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def _slurm_skip_reason() -> str | None:
 @pytest.fixture(scope="module", autouse=True)
 def slurm():
     reason = _slurm_skip_reason()
+    if reason and os.environ.get("CRYOSIAM_DASK_REQUIRE_SLURM") == "1":  # CI: SLURM must be there
+        pytest.fail(f"CRYOSIAM_DASK_REQUIRE_SLURM=1 but {reason}")
     if reason:
         pytest.skip(reason)
 
