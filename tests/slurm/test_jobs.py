@@ -238,3 +238,34 @@ def test_batch_job_cancelled_mid_run_resumes_in_the_next_job(four_tomograms):
     assert "done in an earlier run" in text2
     assert 0 <= _computed_blocks(text2) < whole
     assert f"{second}|cryosiam_dask|COMPLETED" in _history(second)
+
+
+def test_batch_job_exit_codes_are_the_runs(tmp_path):
+    """The job's exit code is the run's: 3 when a tomogram failed (the other written), 2 when refused."""
+    from cryosiam_dask.demo import write_demo_inputs
+
+    for seed, stem in enumerate(["TS_01", "TS_bad"]):
+        base = write_demo_inputs(tmp_path / "demo", shape=(32, 64, 64), stem=stem, seed=seed)
+    bad_mask = tmp_path / "demo" / "lamella" / "TS_bad_preds.h5"
+    with h5py.File(bad_mask, "r") as f:  # one damaged chunk: the file opens, a task fails reading it
+        info = f["labels"].id.get_chunk_info(0)
+    with open(bad_mask, "r+b") as f:
+        f.seek(info.byte_offset)
+        f.write(b"\xff" * info.size)
+    config = _config(base, tmp_path / "failed")
+    job_id = _sbatch(tmp_path, *SMALL_JOB, str(SBATCH), str(config))
+    log = tmp_path / "logs" / f"cryosiam_dask-{job_id}.out"
+    job = _wait(job_id, log)
+    text = log.read_text()
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "3:0"), text[-4000:]
+    assert "error: TS_bad (TS_bad.mrc), stage maps" in text and "some tomograms failed" in text
+    assert [p.name for p in (tmp_path / "failed").glob("*_instance_preds.h5")] == ["TS_01_instance_preds.h5"]
+
+    cfg = yaml.safe_load(config.read_text())
+    cfg["trained_model"] = str(tmp_path / "missing.ckpt")
+    config.write_text(yaml.safe_dump(cfg))
+    job_id = _sbatch(tmp_path, *SMALL_JOB, str(SBATCH), str(config))
+    log = tmp_path / "logs" / f"cryosiam_dask-{job_id}.out"
+    job = _wait(job_id, log)
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "2:0"), log.read_text()[-4000:]
+    assert "missing.ckpt' does not exist" in log.read_text()
