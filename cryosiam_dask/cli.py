@@ -9,6 +9,7 @@ worker, an unreadable file) prints one ``error: ...`` line per failed tomogram a
 with code 3; the other tomograms are written. An exception outside a run's stages keeps its traceback.
 """
 
+import contextlib
 import logging
 import sys
 from collections.abc import Iterator
@@ -164,6 +165,22 @@ def instance_predict(
         str | None,
         typer.Option("--scheduler-address", help="Use a running dask scheduler (tcp://host:8786)."),
     ] = None,
+    scheduler_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--scheduler-file",
+            help="Use the running dask scheduler of this scheduler file (JSON); with --slurm-runner, where "
+            "rank 0 writes it (default <work_dir>/scheduler-<job id>.json).",
+        ),
+    ] = None,
+    slurm_runner: Annotated[
+        bool,
+        typer.Option(
+            "--slurm-runner",
+            help="Run inside one SLURM allocation: every srun task runs this command; rank 0 the scheduler, "
+            "rank 1 the run, the others dask workers (dask-jobqueue's SLURMRunner).",
+        ),
+    ] = False,
     n_workers: NWorkersOpt = None,
     threads_per_worker: Annotated[
         int | None, typer.Option("--threads-per-worker", help="Threads per local worker (default auto).")
@@ -233,6 +250,7 @@ def instance_predict(
         "tiling": tiling,
         "device": device,
         "scheduler_address": scheduler_address,
+        "scheduler_file": scheduler_file,
         "n_workers": n_workers,
         "threads_per_worker": threads_per_worker,
         "memory_limit": _memory_limit(memory_limit),
@@ -268,11 +286,15 @@ def instance_predict(
 
         PROGRESS["on"] = sys.stderr.isatty()
 
-        if debug:
-            results = run_instance_predict(cfg, filename=filename)
-        else:
-            with quiet_distributed_tracebacks():  # dask's own records: one line each, the error line last
-                results = run_instance_predict(cfg, filename=filename)
+        with contextlib.ExitStack() as stack:
+            if not debug:  # dask's own records: one line each, the error line last
+                stack.enter_context(quiet_distributed_tracebacks())
+            on: dict[str, Any] = {}
+            if slurm_runner:  # only rank 1 goes on; the scheduler and worker ranks exit in here
+                from cryosiam_dask.run.slurm import runner_client
+
+                on["client"] = stack.enter_context(runner_client(cfg))
+            results = run_instance_predict(cfg, filename=filename, **on)
     logger.info(
         "instance_predict: %d tomogram(s) done, outputs in %s", len(results or []), cfg.prediction_folder
     )

@@ -408,3 +408,10 @@ def test_python_dash_m_entry_point():
         out.returncode == 2
         and out.stderr.strip() == "error: config file '/no/c.yaml' does not exist or is not a file"
     )
+
+
+def test_scheduler_file_flag(config_file, pipeline, tmp_path):
+    result = runner.invoke(app, ["instance_predict", "--config_file", str(config_file),
+                                 "--scheduler-file", str(tmp_path / "cluster.json")])
+    assert result.exit_code == 0, result.output
+    assert pipeline[0][1][0].cryosiam_dask.scheduler_file == tmp_path / "cluster.json"

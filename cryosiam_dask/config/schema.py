@@ -153,6 +153,10 @@ class DaskSettings(_Model):
     """'auto' (default): CUDA when torch sees a GPU, else CPU."""
     scheduler_address: str | None = None
     """Address of an existing dask scheduler; default None starts a local cluster."""
+    scheduler_file: AbsPath | None = None
+    """Scheduler file of an existing scheduler (JSON with its address, written by ``dask scheduler
+    --scheduler-file`` or dask-jobqueue); default None. With the CLI's ``--slurm-runner``: where rank 0 writes
+    it (default <work_dir>/scheduler-<job id>.json)."""
     n_workers: PosInt | None = None
     """Local cluster workers; default None: one per GPU, or dask's choice on CPU."""
     threads_per_worker: PosInt | None = None
@@ -199,6 +203,12 @@ class DaskSettings(_Model):
         if isinstance(v, (list, tuple)) and len(v) != 3:
             raise ValueError("expected 3 values (z, y, x)")
         return v
+
+    @model_validator(mode="after")
+    def _one_scheduler(self) -> DaskSettings:
+        if self.scheduler_address and self.scheduler_file:
+            raise ValueError("set 'scheduler_address' or 'scheduler_file', not both")
+        return self
 
 
 class InstanceConfig(_Model):

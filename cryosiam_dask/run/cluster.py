@@ -76,7 +76,8 @@ class ClusterPlan:
     Attributes
     ----------
     kind : {"existing", "cpu", "cuda"}
-        ``existing`` attaches to ``scheduler_address`` and starts nothing.
+        ``existing`` attaches to ``scheduler_address`` (or the scheduler of ``scheduler_file``) and starts
+        nothing.
     n_workers, threads_per_worker : int
         Worker processes and threads per worker (``cpu``/``cuda``; 0 for ``existing``).
     memory_limit : str
@@ -94,6 +95,7 @@ class ClusterPlan:
     """``cuda``: host workers (``CPU`` resource) beside the GPU workers, for everything but the network."""
     cpu_threads: int = 0
     scheduler_address: str | None = None
+    scheduler_file: Path | None = None
     dashboard_address: str | None = "127.0.0.1:8787"
 
 
@@ -142,6 +144,7 @@ def plan_cluster(
     *,
     device: str = "cpu",
     scheduler_address: str | None = None,
+    scheduler_file: Path | None = None,
     n_workers: int | None = None,
     threads_per_worker: int | None = None,
     memory_limit: str | None = "auto",
@@ -156,6 +159,9 @@ def plan_cluster(
         Already resolved (see :func:`resolve_device`).
     scheduler_address : str or None, default None
         Attach to this scheduler (``tcp://host:8786``); nothing is started.
+    scheduler_file : path or None, default None
+        Attach to the scheduler whose address this JSON file holds (``dask scheduler --scheduler-file``,
+        dask-jobqueue); nothing is started.
     n_workers : int or None, default None
         CPU: ``None`` = ``cores // threads_per_worker``. CUDA: one worker per GPU (``None``).
     threads_per_worker : int or None, default None
@@ -169,9 +175,10 @@ def plan_cluster(
         Localhost only unless configured otherwise; ``None`` disables the dashboard.
     """
     memory_limit = memory_limit or "auto"
-    if scheduler_address:
+    if scheduler_address or scheduler_file:
         return ClusterPlan(
-            "existing", 0, 0, memory_limit, scheduler_address=scheduler_address, dashboard_address=None
+            "existing", 0, 0, memory_limit, scheduler_address=scheduler_address or None,
+            scheduler_file=Path(scheduler_file) if scheduler_file else None, dashboard_address=None,
         )
     if device == "cuda":
         gpus = _gpu_ids(gpu_devices)
@@ -234,20 +241,13 @@ def start_client(
     from distributed import Client
 
     if plan.kind == "existing":
-        try:
-            timeout = dask.config.get("distributed.comm.timeouts.connect")
-            client = Client(plan.scheduler_address, timeout=timeout)
-        except OSError as e:  # includes distributed's TimeoutError for an address nobody listens on
-            raise ClusterError(
-                f"cryosiam_dask.scheduler_address: cannot connect to the dask scheduler at "
-                f"{plan.scheduler_address} ({one_line(str(e)) or type(e).__name__})"
-            ) from None
+        client = _attach(plan)
         with client:
-            where = f"the scheduler {plan.scheduler_address}"
+            where = f"the scheduler {client.scheduler.address}"
             check_workers(client, n_workers=1, timeout=wait_s, where=where)
             logger.info(
                 "attached to existing scheduler %s (%d workers)",
-                plan.scheduler_address,
+                client.scheduler.address,
                 len(client.scheduler_info().get("workers", {})),
             )
             yield client
@@ -288,6 +288,45 @@ def start_client(
             client.dashboard_link if plan.dashboard_address else "off",
         )
         yield client
+
+
+def _attach(plan: ClusterPlan) -> Any:
+    """A ``Client`` of the existing scheduler of ``plan`` (its address, or its scheduler file)."""
+    import dask
+    from distributed import Client
+
+    key, address = "cryosiam_dask.scheduler_address", plan.scheduler_address
+    if plan.scheduler_file is not None:
+        key, address = "cryosiam_dask.scheduler_file", read_scheduler_file(plan.scheduler_file)
+    try:
+        return Client(address, timeout=dask.config.get("distributed.comm.timeouts.connect"))
+    except OSError as e:  # includes distributed's TimeoutError for an address nobody listens on
+        cause = one_line(str(e)) or type(e).__name__
+        raise ClusterError(f"{key}: cannot connect to the dask scheduler at {address} ({cause})") from None
+
+
+def read_scheduler_file(path: Path) -> str:
+    """The scheduler address in a scheduler file (``{"address": "tcp://..."}``), read once.
+
+    distributed's own reader waits forever for a missing file; a run should say at once what is wrong.
+
+    Raises
+    ------
+    ClusterError
+        The file is missing, not JSON, or has no ``address``.
+    """
+    import json
+
+    key = "cryosiam_dask.scheduler_file"
+    try:
+        address = json.loads(Path(path).read_text()).get("address")
+    except FileNotFoundError:
+        raise ClusterError(f"{key}: {path} does not exist (is the scheduler running?)") from None
+    except (OSError, ValueError, AttributeError) as e:
+        raise ClusterError(f"{key}: {path} is not a dask scheduler file ({one_line(str(e))})") from None
+    if not isinstance(address, str) or not address:
+        raise ClusterError(f"{key}: {path} is not a dask scheduler file (no 'address')")
+    return address
 
 
 def _local_cluster(plan: ClusterPlan, processes: bool) -> Any:

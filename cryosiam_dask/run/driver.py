@@ -289,6 +289,7 @@ def _run(
     plan = plan_cluster(
         device=c.device,
         scheduler_address=c.scheduler_address,
+        scheduler_file=c.scheduler_file,
         n_workers=c.n_workers,
         threads_per_worker=c.threads_per_worker,
         memory_limit=c.memory_limit,

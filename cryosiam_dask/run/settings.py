@@ -126,6 +126,7 @@ class ClusterSettings:
 
     device: str
     scheduler_address: str | None
+    scheduler_file: Path | None
     n_workers: int | None
     threads_per_worker: int | None
     memory_limit: Any
@@ -184,6 +185,7 @@ class RunSettings:
             cluster=ClusterSettings(
                 device=device,
                 scheduler_address=s.scheduler_address,
+                scheduler_file=s.scheduler_file,
                 n_workers=s.n_workers,
                 threads_per_worker=s.threads_per_worker,
                 memory_limit=s.memory_limit,

@@ -92,3 +92,40 @@ def test_attach_to_existing_scheduler_and_schedule_two_tomograms_together(two_to
     assert np.array_equal(a, b) and a.max() > 0
     workers = {t["worker"] for t in stream}
     assert len(workers) == 2  # both workers got work
+
+
+def test_scheduler_file_plan_and_unreadable_files_are_one_line(tmp_path):
+    from cryosiam_dask.errors import ClusterError
+    from cryosiam_dask.run.cluster import read_scheduler_file
+
+    plan = plan_cluster(device="cpu", scheduler_file=tmp_path / "s.json")
+    assert plan.kind == "existing" and plan.scheduler_file == tmp_path / "s.json"
+    with pytest.raises(ClusterError, match=r"scheduler_file: .*s.json does not exist \(is the scheduler"):
+        read_scheduler_file(tmp_path / "s.json")
+    (tmp_path / "s.json").write_text("{not json")
+    with pytest.raises(ClusterError, match="is not a dask scheduler file"):
+        read_scheduler_file(tmp_path / "s.json")
+    (tmp_path / "s.json").write_text('{"id": "Scheduler-1"}')
+    with pytest.raises(ClusterError, match="no 'address'"):
+        read_scheduler_file(tmp_path / "s.json")
+
+
+def test_scheduler_address_and_file_together_are_refused(two_tomograms, tmp_path):
+    with pytest.raises(ConfigError, match="set 'scheduler_address' or 'scheduler_file', not both"):
+        load_config(two_tomograms, {"scheduler_address": "tcp://h:1", "scheduler_file": tmp_path / "s.json"})
+
+
+@pytest.mark.slow
+def test_attach_through_a_scheduler_file(two_tomograms, tmp_path):
+    from distributed import LocalCluster
+
+    from cryosiam_dask.run.driver import instance_predict
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None,
+                      scheduler_kwargs={"scheduler_file": str(tmp_path / "scheduler.json")}) as cluster:
+        assert (tmp_path / "scheduler.json").is_file()  # written by the scheduler, as dask-jobqueue's is
+        cfg = load_config(two_tomograms, {"scheduler_file": tmp_path / "scheduler.json",
+                                          "output_formats": ["cryosiam"]})
+        results = instance_predict(cfg)
+        assert len(cluster.workers) == 2  # left running
+    assert [r.stem for r in results] == ["TS_copy", "TS_demo"] and results[0].n_instances > 0
