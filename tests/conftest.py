@@ -15,6 +15,15 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "cryosiam_golden"
 
+# copick's import replaces the root logger's handlers (pytest's log capture with them): import it once here,
+# through io.copick, which puts them back. Without the copick extra (ConfigError) the copick tests skip.
+try:
+    from cryosiam_dask.io.copick import import_copick
+
+    import_copick()
+except Exception:
+    pass
+
 
 @pytest.fixture(scope="session")
 def golden() -> Path:

@@ -31,12 +31,31 @@ EXTRA = "pip install 'cryosiam_dask[copick]'"
 
 
 def import_copick() -> Any:
-    """The copick module, or a one-line :class:`ConfigError` naming the extra that installs it."""
+    """The copick module, or a one-line :class:`ConfigError` naming the extra that installs it.
+
+    copick 2.0's modules reconfigure the root logger when imported (``copick.util.log.get_logger`` calls
+    ``logging.basicConfig(force=True)`` with a rich handler at INFO), and copick imports most of them lazily.
+    The root logger's handlers and level are put back after the import, and ``get_logger`` is replaced by a
+    plain ``logging.getLogger`` for the modules imported later: the CLI's and the user's logging stay theirs.
+    """
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     try:
         import copick
+        import copick.util.log as copick_log
+
+        copick_log.get_logger = _library_logger
     except ImportError as e:
         raise ConfigError(f"cryosiam_dask.copick needs copick 2.0 (not installed): {EXTRA}") from e
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
     return copick
+
+
+def _library_logger(name: str, debug: bool = False) -> logging.Logger:
+    """copick's ``get_logger`` without its root-logger configuration (a library's logger, nothing more)."""
+    return logging.getLogger(name)
 
 
 def open_root(config: Path) -> Any:

@@ -39,8 +39,11 @@ def write_copick_project(
         Å.
     tomo_type : str, default "denoised"
     """
-    import copick
     from copick.models import PickableObject
+
+    from cryosiam_dask.io.copick import import_copick
+
+    copick = import_copick()
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -103,3 +103,18 @@ def test_url_stems_and_missing_url(tmp_path):
     assert url_stem("https://host/a/TS_1.ome.zarr") == "TS_1"
     with pytest.raises(InputFileError, match=r"^file://.*/nothing.zarr: not a readable zarr"):
         ZarrUrl(f"file://{tmp_path}/nothing.zarr").open_node()
+
+
+def test_copick_leaves_the_root_logger_alone(project):
+    """copick's modules call logging.basicConfig(force=True) at import; ours keep the root logger as is."""
+    import importlib
+    import logging
+
+    from cryosiam_dask.io.copick import open_root
+
+    root = logging.getLogger()
+    before = (root.handlers[:], root.level)
+    assert [r.name for r in open_root(project).runs] == ["TS-01", "TS-02"]
+    for module in ("copick.impl.cryoet_data_portal", "copick.ops.export", "copick.util.portal"):
+        importlib.import_module(module)  # imported lazily by copick; each calls get_logger at import
+    assert (root.handlers[:], root.level) == before
