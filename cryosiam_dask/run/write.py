@@ -95,7 +95,8 @@ def write_outputs(
             folder / f"{stem}_instances.star",
             table,
             voxel_size=vs[2],
-            tomogram_name=item.path.name,
+            # a file's name, as CryoSiam's; a copick run or URL: its stem (the run name)
+            tomogram_name=item.path.name if isinstance(item.path, Path) else item.stem,
         )
     if settings.copick is not None:
         from cryosiam_dask.outputs.copick import write_copick
