@@ -265,7 +265,7 @@ def instance_predict(
             k: v
             for k, v in {
                 "config": copick_config,
-                "runs": copick_runs.split(",") if copick_runs else None,
+                "runs": [r.strip() for r in copick_runs.split(",") if r.strip()] if copick_runs else None,
                 "voxel_spacing": voxel_spacing,
                 "tomo_type": tomo_type,
                 "object_name": copick_object,

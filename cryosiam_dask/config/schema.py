@@ -195,7 +195,8 @@ class DaskSettings(_Model):
     """Tomograms from a copick project instead of ``data_folder`` (see :class:`CopickSettings`)."""
     storage_options: dict[str, Any] | None = None
     """fsspec options for tomograms given as URLs in ``test_files`` (``s3://``, ``https://``); default None
-    (``s3://`` then reads anonymously, as the CZ cryoET Data Portal's public buckets need)."""
+    (``s3://`` then reads anonymously, as the CZ cryoET Data Portal's public buckets need; options given are
+    used as they are)."""
 
     @field_validator("chunk_size", mode="before")
     @classmethod

@@ -249,6 +249,9 @@ def copick_tomograms(
     root = open_root(config)
     names = [r.name for r in root.runs]
     wanted = [filename] if filename is not None else (list(runs) if runs else names)
+    twice = sorted({r for r in wanted if wanted.count(r) > 1})
+    if twice:
+        raise ConfigError(f"cryosiam_dask.copick.runs: lists the same run twice: {', '.join(twice)}")
     missing = [r for r in wanted if r not in names]
     if missing:
         key = "--filename" if filename is not None else "cryosiam_dask.copick.runs"

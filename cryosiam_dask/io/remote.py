@@ -50,8 +50,8 @@ def open_zarr_node(store_or_url: Any, *, storage_options: dict[str, Any] | None 
     options = dict(storage_options or {})
     if isinstance(store_or_url, str):
         protocol = store_or_url.split("://", 1)[0].lower()
-        if protocol == "s3" and "anon" not in options and not options.get("key"):
-            options["anon"] = True  # the Data Portal's buckets are public
+        if protocol == "s3" and not options:
+            options["anon"] = True  # the Data Portal's buckets are public; any option given: the user's own
         kwargs: dict[str, Any] = {"storage_options": options} if protocol != "file" and options else {}
         if protocol == "file":
             store_or_url = store_or_url[len("file://"):]

@@ -72,7 +72,7 @@ def _check_inputs(config: InstanceConfig, files: list[Path]) -> None:
         try:
             if isinstance(f, Path) and f.suffix != ".zarr":  # URL and copick references: checked on open
                 check_tomogram(f)
-            if config.mask_folder is not None:
+            if config.mask_folder is not None and getattr(f, "lamella", None) is None:  # copick: its own
                 find_mask(config.mask_folder, config.stem(f))
         except InputFileError as e:
             problems.append(str(e))
