@@ -102,14 +102,13 @@ class RunWidget(Container):
 
     def _run(self, config: Any) -> list[TomogramResult]:
         """In the worker thread: the client, then ``instance_predict`` with a callback per tomogram."""
-        from cryosiam_dask.run.cluster import plan_cluster, resolve_device, start_client
-        from cryosiam_dask.run.driver import instance_predict
+        from cryosiam_dask.run.cluster import resolve_device, start_client
+        from cryosiam_dask.run.driver import cluster_plan, instance_predict
+        from cryosiam_dask.run.settings import RunSettings
 
         s = config.cryosiam_dask
-        plan = plan_cluster(device=resolve_device(s.device), scheduler_address=s.scheduler_address,
-                            n_workers=s.n_workers, threads_per_worker=s.threads_per_worker,
-                            memory_limit=s.memory_limit, gpu_devices=config.parameters.gpu_devices,
-                            dashboard_address=s.dashboard_address)
+        # the run's own cluster settings (scheduler_file included), started here to show the dashboard first
+        plan = cluster_plan(RunSettings.from_config(config, device=resolve_device(s.device)).cluster)
         handler = _Lines(self._on_line)
         logger = logging.getLogger("cryosiam_dask")
         logger.addHandler(handler)

@@ -21,7 +21,7 @@ from cryosiam_dask.config import InstanceConfig
 from cryosiam_dask.errors import ClusterError, InputFileError, OutputError, TaskError, TomogramsFailed
 from cryosiam_dask.run import resume
 from cryosiam_dask.run.locks import WorkDirLock, acquire_lock, hold_work_dir, release_lock, try_exclusive
-from cryosiam_dask.run.settings import RunSettings
+from cryosiam_dask.run.settings import ClusterSettings, RunSettings
 from cryosiam_dask.run.stages import RunSummary, TomogramResult, run_dataset
 
 logger = logging.getLogger(__name__)
@@ -271,6 +271,23 @@ def _each_done(*callbacks: Callable[[TomogramResult], None] | None) -> Any:
     return call
 
 
+def cluster_plan(c: ClusterSettings) -> Any:
+    """The :class:`~cryosiam_dask.run.cluster.ClusterPlan` of a run's cluster settings (started by the run, or
+    by the napari run widget, which shows its dashboard first)."""
+    from cryosiam_dask.run.cluster import plan_cluster
+
+    return plan_cluster(
+        device=c.device,
+        scheduler_address=c.scheduler_address,
+        scheduler_file=c.scheduler_file,
+        n_workers=c.n_workers,
+        threads_per_worker=c.threads_per_worker,
+        memory_limit=c.memory_limit,
+        gpu_devices=c.gpu_devices,
+        dashboard_address=c.dashboard_address,
+    )
+
+
 def _run(
     settings: RunSettings,
     pairs: list[tuple[Path, str]],
@@ -281,21 +298,11 @@ def _run(
     on_done: Callable[[TomogramResult], None] | None = None,
 ) -> RunSummary:
     """The dataset on ``client``, or on the cluster of the settings (started and closed here)."""
-    from cryosiam_dask.run.cluster import plan_cluster, start_client
+    from cryosiam_dask.run.cluster import start_client
 
     if client is not None:
         return _stream(settings, pairs, client, held, on_done)
-    c = settings.cluster
-    plan = plan_cluster(
-        device=c.device,
-        scheduler_address=c.scheduler_address,
-        scheduler_file=c.scheduler_file,
-        n_workers=c.n_workers,
-        threads_per_worker=c.threads_per_worker,
-        memory_limit=c.memory_limit,
-        gpu_devices=c.gpu_devices,
-        dashboard_address=c.dashboard_address,
-    )
+    plan = cluster_plan(settings.cluster)
     log_file = getattr(handler, "baseFilename", None)
     worker_log = (
         Path(log_file).with_name(Path(log_file).name.replace("instance_predict", "workers"))
